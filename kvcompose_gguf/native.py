@@ -1,0 +1,124 @@
+"""ctypes bindings to the kvcompose functions in the patched libllama.
+
+llama-cpp-python loads libllama and binds its stock symbols at import. Ours are
+looked up here, lazily and only after the ABI probe has answered, so a stock
+library gives a clear `LibraryNotPatchedError` instead of a segfault or a ctypes
+AttributeError somewhere later.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from typing import Any
+
+# Must equal LLAMA_KVCOMPOSE_ABI_VERSION in native/llama-kvcompose.h.
+ABI_VERSION = 1
+
+FIX_COMMAND = "make build  (or: python scripts/build_patched_llama.py) in a kvcompose-gguf checkout"
+
+# Status codes of native/llama-kvcompose.h.
+OK = 0
+ERR_ARGUMENT = -1
+ERR_UNSUPPORTED = -2
+ERR_RANGE = -3
+ERR_SEQUENCE = -4
+ERR_DUPLICATE = -5
+ERR_STATE = -6
+ERR_COMPUTE = -7
+
+
+class LibraryNotPatchedError(ImportError):
+    """The loaded libllama lacks the kvcompose patch, or has another ABI version."""
+
+
+class NativeError(RuntimeError):
+    """A kvcompose C function refused its input or failed; nothing was changed."""
+
+    def __init__(self, function: str, status: int, detail: str = ""):
+        self.function = function
+        self.status = status
+        message = f"{function} failed: {status_str(status)} (status {status})"
+        super().__init__(message + (f": {detail}" if detail else ""))
+
+
+_lib: ctypes.CDLL | None = None
+
+
+def check_library(lib: Any, where: str = "the loaded libllama") -> int:
+    """Return the library's kvcompose ABI version, or raise LibraryNotPatchedError.
+
+    `lib` is any ctypes library object; the check never calls a symbol that it
+    has not first found.
+    """
+    try:
+        probe = lib.llama_kvcompose_abi_version
+    except AttributeError:
+        raise LibraryNotPatchedError(
+            f"{where} is a stock llama.cpp build without the kvcompose patch "
+            f"(no llama_kvcompose_abi_version symbol). Build and install the patched "
+            f"llama-cpp-python with: {FIX_COMMAND}"
+        ) from None
+    probe.argtypes = []
+    probe.restype = ctypes.c_int32
+    version = int(probe())
+    if version != ABI_VERSION:
+        raise LibraryNotPatchedError(
+            f"{where} has kvcompose ABI version {version}, but this kvcompose_gguf "
+            f"needs version {ABI_VERSION}. Rebuild the patched llama-cpp-python with: {FIX_COMMAND}"
+        )
+    return version
+
+
+def load() -> ctypes.CDLL:
+    """The patched libllama that llama_cpp loaded, checked and bound once."""
+    global _lib
+    if _lib is None:
+        try:
+            import llama_cpp.llama_cpp as llama_cpp_module
+        except Exception as exc:  # a missing or unloadable libllama surfaces as many types
+            raise LibraryNotPatchedError(
+                f"llama-cpp-python could not be imported ({exc}). Install the patched build with: {FIX_COMMAND}"
+            ) from exc
+        lib = llama_cpp_module._lib
+        check_library(lib, where=f"libllama at {getattr(lib, '_name', '?')}")
+        _bind_all(lib)
+        _lib = lib
+    return _lib
+
+
+def _bind(lib: ctypes.CDLL, name: str, argtypes: list, restype: Any) -> None:
+    fn = getattr(lib, name)
+    fn.argtypes = argtypes
+    fn.restype = restype
+
+
+def _bind_all(lib: ctypes.CDLL) -> None:
+    _bind(lib, "llama_kvcompose_status_str", [ctypes.c_int32], ctypes.c_char_p)
+    _bind_stats(lib)
+    _bind_compaction(lib)
+
+
+# --- attention statistics (native/kvcompose-stats.*) ---------------------------
+
+
+def _bind_stats(lib: ctypes.CDLL) -> None:
+    pass
+
+
+# --- KV compaction (native/kvcompose-compact.*) --------------------------------
+
+
+def _bind_compaction(lib: ctypes.CDLL) -> None:
+    pass
+
+
+def status_str(status: int) -> str:
+    if _lib is None:
+        return "unknown (library not loaded)"
+    return _lib.llama_kvcompose_status_str(status).decode()
+
+
+def check(function: str, status: int, detail: str = "") -> None:
+    """Raise NativeError unless `status` is OK."""
+    if status != OK:
+        raise NativeError(function, status, detail)

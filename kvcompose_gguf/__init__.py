@@ -10,6 +10,8 @@ from .native import LibraryNotPatchedError, NativeError
 
 native.load()
 
+from .llama import Llama  # noqa: E402  (needs the checked library)
+
 __version__ = "0.1.0"
 
-__all__ = ["LibraryNotPatchedError", "NativeError", "native", "__version__"]
+__all__ = ["Llama", "LibraryNotPatchedError", "NativeError", "native", "__version__"]

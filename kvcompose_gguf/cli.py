@@ -2,10 +2,9 @@
 
 The chat keeps the whole conversation as a token history and streams each reply.
 After every reply a status line shows the conversation's logical length, the
-cells in use and the KV memory. Compression options are accepted and checked
-here; until the compressing `Llama` integration lands, only `--policy none`
-(stock llama.cpp behaviour) runs, and a chat that outgrows `--n-ctx` ends its
-turn with a clear message instead of a traceback.
+cells in use, the compressions so far and the KV memory. With `--policy none`
+(stock llama.cpp) a chat that outgrows `--n-ctx` ends its turn with a clear
+message instead of a traceback; with a policy the cache is compressed instead.
 """
 
 from __future__ import annotations
@@ -17,7 +16,6 @@ from dataclasses import dataclass, field
 from typing import TextIO
 
 CACHE_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl")
-AVAILABLE_POLICIES = ("none",)
 DEFAULT_SYSTEM = "You are a helpful assistant."
 HELP_TEXT = """commands:
   /stats        the KV cache in detail
@@ -38,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("model", nargs="?", default=None, help="GGUF path or known model name (default: smollm2-135m)")
     chat.add_argument("--n-ctx", type=int, default=2048, help="context size in cells (default 2048)")
     chat.add_argument("--budget", type=_budget, default=0.5, help="kv_budget: fraction of cells kept (0,1] or a cell count")
-    chat.add_argument("--policy", default="none", help="compression policy, 'none' for stock llama.cpp")
+    chat.add_argument("--policy", default="kvcompose", help="compression policy (default kvcompose), 'none' for stock llama.cpp")
     chat.add_argument("--observe", default="window", help="observation mode: window, repeat, or a task prompt")
     chat.add_argument("--n-gpu-layers", type=int, default=0)
     chat.add_argument("--flash-attn", action=argparse.BooleanOptionalAction, default=True)
@@ -49,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--seed", type=int, default=0)
     chat.add_argument("--max-tokens", type=int, default=256, help="longest reply in tokens")
     chat.add_argument("--json", action="store_true", help="print one JSON object of stats per turn (for scripts)")
+    from .eval.command import add_eval_parser
+
+    add_eval_parser(sub)
     return parser
 
 
@@ -72,10 +73,6 @@ def _ggml_type(name: str) -> int:
 
 def load_model(args: argparse.Namespace):
     """The `Llama` for these options; raises CliError for anything the user can fix."""
-    if args.policy not in AVAILABLE_POLICIES:
-        raise CliError(
-            f"policy {args.policy!r} is not available in this version; available: {', '.join(AVAILABLE_POLICIES)}"
-        )
     if args.cache_type_v != "f16" and not args.flash_attn:
         raise CliError("a quantized V cache needs flash attention (drop --no-flash-attn)")
     try:
@@ -88,10 +85,13 @@ def load_model(args: argparse.Namespace):
     except models.ModelNotInstalledError as exc:
         raise CliError(str(exc)) from None
 
-    import llama_cpp
+    from .llama import Llama
 
+    compression = {}
+    if args.policy != "none":
+        compression = dict(kv_compress=args.policy, kv_budget=args.budget, kv_observe=args.observe)
     try:
-        return llama_cpp.Llama(
+        return Llama(
             model_path=str(path),
             n_ctx=args.n_ctx,
             n_gpu_layers=args.n_gpu_layers,
@@ -100,9 +100,10 @@ def load_model(args: argparse.Namespace):
             type_v=_ggml_type(args.cache_type_v),
             seed=args.seed,
             verbose=False,
+            **compression,
         )
-    except ValueError as exc:  # llama-cpp-python's "Failed to load model from file"
-        raise CliError(f"could not load {path}: {exc}") from None
+    except (ValueError, TypeError, NotImplementedError) as exc:  # bad settings, or a model llama.cpp cannot load
+        raise CliError(f"could not start {path.name}: {exc}") from None
 
 
 @dataclass
@@ -111,15 +112,29 @@ class TurnStats:
     logical_tokens: int
     cells_used: int
     n_ctx: int
+    compressions: int
+    last_compression_seconds: float | None
     kv_bytes_allocated: int
+    kv_bytes_full_cache: int  # what a full cache of logical_tokens cells would need
+    layer_budgets: list | None
     reply_tokens: int
     stopped: str
 
     def status_line(self) -> str:
-        return (
-            f"[turn {self.turn} | tokens {self.logical_tokens} | cells {self.cells_used}/{self.n_ctx}"
-            f" | KV {self.kv_bytes_allocated / 2**20:.1f} MiB allocated | {self.stopped}]"
-        )
+        line = f"[turn {self.turn} | tokens {self.logical_tokens} | cells {self.cells_used}/{self.n_ctx}"
+        if self.compressions:
+            line += f" | {self.compressions} compressions, last {self.last_compression_seconds:.2f} s"
+        line += f" | KV {self.kv_bytes_allocated / 2**20:.1f} MiB (full cache: {self.kv_bytes_full_cache / 2**20:.1f} MiB)"
+        if self.layer_budgets:
+            line += f" | layers {sparkline(self.layer_budgets)}"
+        return line + f" | {self.stopped}]"
+
+
+def sparkline(values: list) -> str:
+    """One character per value, scaled to the largest."""
+    bars = "▁▂▃▄▅▆▇█"
+    top = max(values) or 1
+    return "".join(bars[min(len(bars) - 1, int(v / top * (len(bars) - 1) + 0.5))] for v in values)
 
 
 def kv_bytes_allocated(llm) -> int:
@@ -182,23 +197,28 @@ class ChatSession:
                     stopped = "max tokens"
         except KeyboardInterrupt:
             stopped = "interrupted"
-        except ValueError as exc:
-            if "exceed context window" not in str(exc):
-                raise
+        except ValueError as exc:  # the context window (stock) or the compression settings refused the turn
             self.messages.pop()
             self.turn -= 1
-            raise CliError(f"{exc}. Stock llama.cpp cannot go on; /reset starts over.") from None
+            hint = " Stock llama.cpp cannot go on;" if "exceed context window" in str(exc) else ""
+            raise CliError(f"{exc}.{hint} /reset starts over.") from None
         out.write("\n")
         self.messages.append({"role": "assistant", "content": "".join(pieces)})
         return self.stats(n_reply, stopped)
 
     def stats(self, reply_tokens: int = 0, stopped: str = "idle") -> TurnStats:
+        kv = self.llm.kv_stats()
+        allocated = kv_bytes_allocated(self.llm)
         return TurnStats(
             turn=self.turn,
-            logical_tokens=int(self.llm.n_tokens),
-            cells_used=int(self.llm.n_tokens),  # stock llama.cpp: one cell per token
-            n_ctx=int(self.llm.n_ctx()),
-            kv_bytes_allocated=kv_bytes_allocated(self.llm),
+            logical_tokens=kv["logical_tokens"],
+            cells_used=kv["cells_used"],
+            n_ctx=kv["n_ctx"],
+            compressions=kv["compressions"],
+            last_compression_seconds=kv["last_compression_seconds"],
+            kv_bytes_allocated=allocated,
+            kv_bytes_full_cache=allocated // kv["n_ctx"] * kv["logical_tokens"],
+            layer_budgets=kv["layer_budgets"],
             reply_tokens=reply_tokens,
             stopped=stopped,
         )
@@ -275,6 +295,10 @@ class _NullWriter:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "eval":
+            from .eval.command import run_eval_command
+
+            return run_eval_command(args, argv)
         return run_chat(args)
     except CliError as exc:
         print(f"kvcompose: error: {exc}", file=sys.stderr)

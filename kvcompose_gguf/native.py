@@ -80,8 +80,15 @@ def load() -> ctypes.CDLL:
                 f"llama-cpp-python could not be imported ({exc}). Install the patched build with: {FIX_COMMAND}"
             ) from exc
         lib = llama_cpp_module._lib
-        check_library(lib, where=f"libllama at {getattr(lib, '_name', '?')}")
-        _bind_all(lib)
+        where = f"libllama at {getattr(lib, '_name', '?')}"
+        check_library(lib, where=where)
+        try:
+            _bind_all(lib)
+        except AttributeError as exc:  # probe present, but built from other native/ sources
+            raise LibraryNotPatchedError(
+                f"{where} has kvcompose ABI version {ABI_VERSION} but lacks {exc}; it was built from "
+                f"other kvcompose sources. Rebuild the patched llama-cpp-python with: {FIX_COMMAND}"
+            ) from None
         _lib = lib
     return _lib
 
@@ -101,15 +108,55 @@ def _bind_all(lib: ctypes.CDLL) -> None:
 # --- attention statistics (native/kvcompose-stats.*) ---------------------------
 
 
+class StatsParams(ctypes.Structure):
+    """struct llama_kvcompose_stats_params (native/llama-kvcompose-stats.h)."""
+
+    _fields_ = [
+        ("seq_id", ctypes.c_int32),
+        ("n_last", ctypes.c_int32),
+        ("query_reduce", ctypes.c_int32),
+        ("head_reduce", ctypes.c_int32),
+    ]
+
+
+# enum llama_kvcompose_stats_query_reduce / _head_reduce
+STATS_QUERY_REDUCE = {"max": 0, "mean": 1, "sum": 2}
+STATS_HEAD_REDUCE = {"mean": 0, "max": 1}
+
+
 def _bind_stats(lib: ctypes.CDLL) -> None:
-    pass
+    ctx = ctypes.c_void_p
+    i32, i32p = ctypes.c_int32, ctypes.POINTER(ctypes.c_int32)
+    _bind(lib, "llama_kvcompose_stats_default_params", [], StatsParams)
+    _bind(lib, "llama_kvcompose_stats_begin", [ctx, ctypes.POINTER(StatsParams)], i32)
+    _bind(lib, "llama_kvcompose_stats_set_enabled", [ctx, ctypes.c_bool], i32)
+    _bind(lib, "llama_kvcompose_stats_reset", [ctx], i32)
+    _bind(lib, "llama_kvcompose_stats_end", [ctx], i32)
+    _bind(lib, "llama_kvcompose_stats_shape", [ctx, i32p, i32p, i32p], i32)
+    _bind(lib, "llama_kvcompose_stats_n_queries", [ctx, ctypes.POINTER(ctypes.c_int64)], i32)
+    _bind(lib, "llama_kvcompose_stats_layers", [ctx, ctypes.POINTER(ctypes.c_uint8), i32], i32)
+    _bind(lib, "llama_kvcompose_stats_get", [ctx, i32, i32, ctypes.POINTER(ctypes.c_float), i32], i32)
+    _bind(lib, "llama_kvcompose_stats_get_all", [ctx, ctypes.POINTER(ctypes.c_float), ctypes.c_size_t], i32)
+    _bind(lib, "llama_kvcompose_stats_cell_positions", [ctx, i32, i32p, i32], i32)
+    _bind(lib, "llama_kvcompose_stats_n_cells", [ctx, i32, i32p], i32)
 
 
 # --- KV compaction (native/kvcompose-compact.*) --------------------------------
 
 
 def _bind_compaction(lib: ctypes.CDLL) -> None:
-    pass
+    i32, p_i32, ctx = ctypes.c_int32, ctypes.POINTER(ctypes.c_int32), ctypes.c_void_p
+    # llama_kvcompose_compact_seq(ctx, seq_id, n_layer, n_head_kv, n_slots, counts, cells,
+    #                             slot_positions, layer_offsets, slot_cells_out)
+    _bind(lib, "llama_kvcompose_compact_seq", [ctx, i32, i32, i32, i32, p_i32, p_i32, p_i32, p_i32, p_i32], i32)
+    # llama_kvcompose_seq_cells(ctx, seq_id, capacity, cells_out, positions_out, n_cells, n_kv_used, n_used)
+    _bind(lib, "llama_kvcompose_seq_cells", [ctx, i32, i32, p_i32, p_i32, p_i32, p_i32, p_i32], i32)
+    # llama_kvcompose_seq_layer_counts(ctx, seq_id, n_layer, counts_out, capacity, slot_of_cell_out)
+    _bind(lib, "llama_kvcompose_seq_layer_counts", [ctx, i32, i32, p_i32, i32, p_i32], i32)
+    # llama_kvcompose_seq_set_layer_counts(ctx, seq_id, n_layer, counts, n_cells, slot_of_cell)
+    _bind(lib, "llama_kvcompose_seq_set_layer_counts", [ctx, i32, i32, p_i32, i32, p_i32], i32)
+    # llama_kvcompose_cell_bytes(ctx, bytes)
+    _bind(lib, "llama_kvcompose_cell_bytes", [ctx, ctypes.POINTER(ctypes.c_uint64)], i32)
 
 
 def status_str(status: int) -> str:

@@ -41,7 +41,7 @@ def test_bad_options_are_one_line_errors(args, message):
 
 def test_json_turns_report_the_conversation(tiny_model_path):
     result = _chat(
-        [str(tiny_model_path), "--json", "--max-tokens", "8", "--temperature", "0", "--n-ctx", "512"],
+        [str(tiny_model_path), "--policy", "none", "--json", "--max-tokens", "8", "--temperature", "0", "--n-ctx", "512"],
         stdin="first question\nsecond question\n",
     )
     assert result.returncode == 0, result.stderr
@@ -75,7 +75,7 @@ def test_kv_bytes_agree_with_llama_cpp_buffer_report(tiny_model_path, capfd):
 def test_stock_overflow_is_reported_and_the_session_goes_on(tiny_model_path):
     long_turn = "tell me everything " * 20
     result = _chat(
-        [str(tiny_model_path), "--json", "--max-tokens", "4", "--temperature", "0", "--n-ctx", "256"],
+        [str(tiny_model_path), "--policy", "none", "--json", "--max-tokens", "4", "--temperature", "0", "--n-ctx", "256"],
         stdin=f"{long_turn}\n{long_turn}\n/reset\nshort\n",
     )
     assert result.returncode == 0, result.stderr
@@ -83,3 +83,29 @@ def test_stock_overflow_is_reported_and_the_session_goes_on(tiny_model_path):
     assert "Traceback" not in result.stderr
     turns = [json.loads(line) for line in result.stdout.splitlines()]
     assert turns[-1]["turn"] == 1  # after /reset the conversation starts over and answers
+
+
+def test_compressed_chat_goes_past_n_ctx_and_reports_it(tiny_model_path):
+    from kvcompose_gguf.llama import Llama
+
+    turn = "please remember this sentence about foxes and dogs " * 3
+    result = _chat(
+        [str(tiny_model_path), "--policy", "kvcompose", "--json", "--max-tokens", "8", "--temperature", "0",
+         "--n-ctx", "256", "--budget", "0.5"],
+        stdin=f"{turn}\n" * 4,
+    )
+    assert result.returncode == 0, result.stderr
+    turns = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [t["turn"] for t in turns] == [1, 2, 3, 4]
+    last = turns[-1]
+    assert last["logical_tokens"] > 256 >= last["cells_used"]
+    assert last["compressions"] >= 1 and len(last["layer_budgets"]) == 4
+    # The full-cache figure is the allocated bytes per cell times the logical tokens.
+    llm = Llama(model_path=str(tiny_model_path), n_ctx=256, verbose=False, flash_attn=True)
+    per_cell = cli.kv_bytes_allocated(llm) // 256
+    assert last["kv_bytes_allocated"] == per_cell * 256
+    assert last["kv_bytes_full_cache"] == per_cell * last["logical_tokens"]
+
+
+def test_sparkline_scales_to_the_largest_value():
+    assert cli.sparkline([0, 50, 100]) == "▁▅█"

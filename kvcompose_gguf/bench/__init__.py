@@ -1,0 +1,1 @@
+"""Benchmarks: commands that print JSON and write results/<name>.json."""

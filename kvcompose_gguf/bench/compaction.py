@@ -1,0 +1,287 @@
+"""Cost of in-place compaction against the physical limit, a plain copy of the same bytes.
+
+    python -m kvcompose_gguf.bench.compaction [--cells 2048 4096 8192] [--kept 0.25 0.5 0.75]
+
+For each cache configuration, size and kept fraction: a context of the default model with
+exactly `cells` cells is filled through llama_state_seq_set_data with a synthetic sequence
+(no prefill: the contents do not matter for the time a move takes), then compacted with a
+random per-head selection of the same count in every layer (each head keeps different
+cells, the scattered worst case). Reported per run:
+
+- compact_ms: wall time of Compactor.apply (validation, graph, row moves, metadata and the
+  scheduler re-reserve llama.cpp needs after any graph of its own);
+- bytes_moved: K and V bytes written (kept slots x row bytes, all layers);
+- copy_ms: a ggml_cpy of bytes_moved contiguous bytes on the same backend and thread count
+  (the physical limit), and ratio = compact_ms / copy_ms.
+
+Before every timed run a 256 MiB buffer is written, so both start from cold caches.
+
+The minimum over repeats is kept, since on a shared machine noise only adds time. JSON goes
+to stdout and to results/compaction.json. The target is ratio <= 3 for f16 K/V with flash
+attention on; the other configurations are reported without a target.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+
+F16, Q4_0, Q8_0 = 1, 2, 8
+CONFIGS = {
+    "f16-fa": (True, F16, F16),
+    "f16-transposedV": (False, F16, F16),
+    "q8_0-fa": (True, Q8_0, Q8_0),
+    "q4_0-fa": (True, Q4_0, Q4_0),
+}
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+_SCRATCH: np.ndarray | None = None
+
+
+def _evict_caches() -> None:
+    """Write a buffer larger than any CPU cache, so that neither the copy nor the compaction
+    reads rows that an earlier step left in cache."""
+    global _SCRATCH
+    if _SCRATCH is None:
+        _SCRATCH = np.empty(256 << 20, dtype=np.uint8)
+    _SCRATCH.fill(1)
+
+
+class _GgmlCopy:
+    """A ggml_cpy of n contiguous bytes computed by the CPU backend (libggml of the loaded libllama)."""
+
+    class _InitParams(ctypes.Structure):
+        _fields_ = [("mem_size", ctypes.c_size_t), ("mem_buffer", ctypes.c_void_p), ("no_alloc", ctypes.c_bool)]
+
+    def __init__(self, lib_dir: Path, n_threads: int):
+        self.base = ctypes.CDLL(str(lib_dir / "libggml-base.so"))
+        self.cpu = ctypes.CDLL(str(lib_dir / "libggml-cpu.so"))
+        vp = ctypes.c_void_p
+        for name, args, res in [
+            ("ggml_init", [self._InitParams], vp),
+            ("ggml_free", [vp], None),
+            ("ggml_new_tensor_1d", [vp, ctypes.c_int, ctypes.c_int64], vp),
+            ("ggml_cpy", [vp, vp, vp], vp),
+            ("ggml_new_graph", [vp], vp),
+            ("ggml_build_forward_expand", [vp, vp], None),
+            ("ggml_tensor_overhead", [], ctypes.c_size_t),
+            ("ggml_graph_overhead", [], ctypes.c_size_t),
+            ("ggml_get_data", [vp], vp),
+        ]:
+            fn = getattr(self.base, name)
+            fn.argtypes, fn.restype = args, res
+        self.cpu.ggml_graph_compute_with_ctx.argtypes = [vp, vp, ctypes.c_int]
+        self.cpu.ggml_graph_compute_with_ctx.restype = ctypes.c_int
+        self.n_threads = n_threads
+
+    def time_ms(self, n_bytes: int, repeats: int) -> float:
+        n = (n_bytes + 1) // 2  # f16 elements
+        size = 2 * (2 * n + 64) + 8 * self.base.ggml_tensor_overhead() + self.base.ggml_graph_overhead()
+        ctx = self.base.ggml_init(self._InitParams(size, None, False))
+        try:
+            src = self.base.ggml_new_tensor_1d(ctx, F16, n)
+            dst = self.base.ggml_new_tensor_1d(ctx, F16, n)
+            # touch every page: an untouched source reads the shared zero page and flatters the copy
+            ctypes.memset(self.base.ggml_get_data(src), 0x3C, 2 * n)
+            ctypes.memset(self.base.ggml_get_data(dst), 0, 2 * n)
+            graph = self.base.ggml_new_graph(ctx)
+            self.base.ggml_build_forward_expand(graph, self.base.ggml_cpy(ctx, src, dst))
+            best = float("inf")
+            for _ in range(repeats + 1):  # the first run faults the pages in
+                _evict_caches()
+                t0 = time.perf_counter()
+                if self.cpu.ggml_graph_compute_with_ctx(ctx, graph, self.n_threads) != 0:
+                    raise RuntimeError("ggml_graph_compute failed")
+                best = min(best, (time.perf_counter() - t0) * 1e3)
+            return best
+        finally:
+            self.base.ggml_free(ctx)
+
+
+class _Context:
+    def __init__(self, model, cells: int, n_threads: int, flash_attn: bool, type_k: int, type_v: int):
+        import llama_cpp
+
+        from kvcompose_gguf import state_blob
+        from kvcompose_gguf.compactor import Compactor
+
+        self.lc = llama_cpp
+        cp = llama_cpp.llama_context_default_params()
+        cp.n_ctx = cells
+        cp.n_batch = cp.n_ubatch = 512
+        cp.n_threads = cp.n_threads_batch = n_threads
+        cp.flash_attn_type = (
+            llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        )
+        cp.type_k, cp.type_v = type_k, type_v
+        self.ctx = llama_cpp.llama_init_from_model(model, cp)
+        if not self.ctx:
+            raise RuntimeError("could not create a context")
+        self.compactor = Compactor(self.ctx)
+        # one real token shows the blob's layout (types, row sizes, V transposed or not)
+        batch = llama_cpp.llama_batch_init(1, 0, 1)
+        batch.token[0], batch.pos[0], batch.n_seq_id[0], batch.seq_id[0][0], batch.logits[0] = 1, 0, 1, 0, 1
+        batch.n_tokens = 1
+        if llama_cpp.llama_decode(self.ctx, batch) != 0:
+            raise RuntimeError("decode failed")
+        llama_cpp.llama_batch_free(batch)
+        template = state_blob.parse_seq_state(self._blob())
+        self.blob = _synthetic(template, cells, np.random.default_rng(0))
+        self.bytes_per_cell_layer = [
+            (k.rows.shape[1], v.data.shape[0] * v.data.shape[2] if hasattr(v, "data") else v.rows.shape[1])
+            for k, v in zip(template.only_stream().k, template.only_stream().v)
+        ]
+
+    def _blob(self) -> bytes:
+        size = self.lc.llama_state_seq_get_size(self.ctx, 0)
+        buf = (ctypes.c_uint8 * size)()
+        self.lc.llama_state_seq_get_data(self.ctx, buf, size, 0)
+        return bytes(buf)
+
+    def refill(self) -> None:
+        self.lc.llama_memory_clear(self.lc.llama_get_memory(self.ctx), True)
+        src = (ctypes.c_uint8 * len(self.blob)).from_buffer_copy(self.blob)
+        if self.lc.llama_state_seq_set_data(self.ctx, src, len(self.blob), 0) != len(self.blob):
+            raise RuntimeError("could not load the synthetic state")
+
+    def close(self) -> None:
+        self.lc.llama_free(self.ctx)
+
+
+def _synthetic(template, cells: int, rng) -> bytes:
+    from kvcompose_gguf import state_blob
+
+    old = template.only_stream()
+
+    def noise(shape) -> np.ndarray:
+        return rng.integers(0, 256, size=shape, dtype=np.uint8)
+
+    k = [state_blob.LayerRows(layer.type, noise((cells, layer.rows.shape[1]))) for layer in old.k]
+    v = []
+    for layer in old.v:
+        if isinstance(layer, state_blob.LayerColumns):
+            v.append(state_blob.LayerColumns(layer.type, noise((layer.data.shape[0], cells, layer.data.shape[2]))))
+        else:
+            v.append(state_blob.LayerRows(layer.type, noise((cells, layer.rows.shape[1]))))
+    stream = state_blob.StreamState(np.arange(cells, dtype=np.int32), [[0]] * cells, None, old.v_trans, k, v)
+    return state_blob.SeqState(template.seq_id, [stream]).to_bytes()
+
+
+def _selection(rng, cells: int, n_keep: int, n_layer: int, n_head_kv: int) -> SimpleNamespace:
+    sel = np.empty((n_layer, n_head_kv, n_keep), dtype=np.int32)
+    for layer in range(n_layer):
+        for h in range(n_head_kv):
+            sel[layer, h] = np.sort(np.append(rng.choice(cells - 1, n_keep - 1, replace=False), cells - 1))
+    return SimpleNamespace(
+        counts=np.full(n_layer, n_keep, dtype=np.int32),
+        cells=sel,
+        slot_positions=sel.max(axis=(0, 1)).astype(np.int32),
+        kept_positions=sel.copy(),
+        simulated=False,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--cells", type=int, nargs="+", default=[2048, 4096, 8192])
+    ap.add_argument("--kept", type=float, nargs="+", default=[0.25, 0.5, 0.75])
+    ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    ap.add_argument("--threads", type=int, default=min(4, os.cpu_count() or 1))
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--model", type=Path, default=None, help="a GGUF file (default: SmolLM2-135M-Instruct Q4_1)")
+    ap.add_argument("--out", type=Path, default=Path("results/compaction.json"))
+    args = ap.parse_args(argv)
+
+    import llama_cpp
+
+    from kvcompose_gguf import models
+
+    model_path = args.model or models.smollm2_path()
+    log_cb = llama_cpp.llama_log_callback(lambda level, text, user_data: None)
+    llama_cpp.llama_log_set(log_cb, ctypes.c_void_p(0))
+    llama_cpp.llama_backend_init()
+    model = llama_cpp.llama_model_load_from_file(str(model_path).encode(), llama_cpp.llama_model_default_params())
+    if not model:
+        raise RuntimeError(f"could not load {model_path}")
+    copier = _GgmlCopy(Path(llama_cpp.llama_cpp._lib._name).parent, args.threads)
+    rng = np.random.default_rng(0)
+
+    runs = []
+    for name in args.configs:
+        flash_attn, type_k, type_v = CONFIGS[name]
+        for cells in args.cells:
+            ctx = _Context(model, cells, args.threads, flash_attn, type_k, type_v)
+            c = ctx.compactor
+            try:
+                for kept in args.kept:
+                    n_keep = max(1, int(round(cells * kept)))
+                    sel = _selection(rng, cells, n_keep, c.n_layer, c.n_head_kv)
+                    best = float("inf")
+                    for _ in range(args.repeats):
+                        ctx.refill()
+                        _evict_caches()
+                        t0 = time.perf_counter()
+                        c.apply(sel)
+                        best = min(best, (time.perf_counter() - t0) * 1e3)
+                    bytes_moved = n_keep * sum(k + v for k, v in ctx.bytes_per_cell_layer)
+                    copy_ms = copier.time_ms(bytes_moved, 4 * args.repeats)
+                    runs.append(
+                        {
+                            "config": name,
+                            "flash_attn": flash_attn,
+                            "cells": cells,
+                            "kept": kept,
+                            "slots": n_keep,
+                            "bytes_moved": bytes_moved,
+                            "compact_ms": round(best, 3),
+                            "copy_ms": round(copy_ms, 3),
+                            "ratio": round(best / copy_ms, 2),
+                        }
+                    )
+                    print(json.dumps(runs[-1]), file=sys.stderr)
+            finally:
+                ctx.close()
+    llama_cpp.llama_model_free(model)
+
+    target = [r for r in runs if r["config"] == "f16-fa"]
+    report = {
+        "benchmark": "compaction",
+        "command": "python -m kvcompose_gguf.bench.compaction " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"cpu": _cpu_model(), "cores": os.cpu_count(), "platform": platform.platform()},
+        "backend": "CPU",
+        "threads": args.threads,
+        "model": Path(model_path).name,
+        "target": "compact_ms <= 3 x copy_ms for f16-fa",
+        "target_met": bool(target) and all(r["ratio"] <= 3 for r in target),
+        "runs": runs,
+    }
+    text = json.dumps(report, indent=2)
+    print(text)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

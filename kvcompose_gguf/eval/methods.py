@@ -1,0 +1,120 @@
+"""Methods under evaluation: a name plus a factory for a llama_cpp.Llama-compatible object.
+
+"full" is stock llama.cpp with a cache large enough for everything: the ceiling
+every compressing method is measured against. Compressing methods register
+here when the compressing `kvcompose_gguf.Llama` lands; until then asking for
+one raises `MethodUnavailableError` rather than running something else under
+its name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+
+class UnknownMethodError(KeyError):
+    def __str__(self) -> str:  # KeyError quotes its message; this one is a sentence.
+        return str(self.args[0])
+
+
+class MethodUnavailableError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class KvUsage:
+    """What the cache holds at the end of a sample, measured three ways that are never conflated.
+
+    cells_used: physical cells that at least one layer uses (freed cells are free for new tokens);
+    physical_bytes: the K and V bytes of those cells over all layers;
+    logical_entries: kept (layer, KV head, slot) entries, what the attention actually reads;
+    layer_slots: slots each layer keeps (equal to cells_used in a stock cache)."""
+
+    cells_used: int
+    physical_bytes: int
+    logical_entries: int
+    layer_slots: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Method:
+    """create(model_path, *, n_ctx, kv_budget, observe, logits_all, seed, n_threads) -> Llama-like.
+
+    A method with compresses=False ignores kv_budget and observe and is run once, not per budget."""
+
+    name: str
+    description: str
+    create: Callable[..., Any]
+    kv_usage: Callable[[Any], KvUsage]
+    compresses: bool
+    observation_modes: tuple[str, ...] = ()
+
+
+def _create_full(model_path, *, n_ctx, kv_budget=None, observe=None, logits_all=False, seed=0, n_threads=None):
+    import llama_cpp
+
+    return llama_cpp.Llama(
+        model_path=str(model_path),
+        n_ctx=n_ctx,
+        logits_all=logits_all,
+        seed=seed,
+        n_threads=n_threads,
+        verbose=False,
+    )
+
+
+def stock_kv_usage(llm) -> KvUsage:
+    """A stock cache: one cell per evaluated token, every layer holds every cell."""
+    import llama_cpp
+
+    from kvcompose_gguf.cli import kv_bytes_allocated
+
+    model = llm._model.model
+    n_layer = llama_cpp.llama_model_n_layer(model)
+    n_head_kv = llama_cpp.llama_model_n_head_kv(model)
+    cells = int(llm.n_tokens)
+    bytes_per_cell = kv_bytes_allocated(llm) // llm.n_ctx()
+    return KvUsage(
+        cells_used=cells,
+        physical_bytes=cells * bytes_per_cell,
+        logical_entries=n_layer * n_head_kv * cells,
+        layer_slots=(cells,) * n_layer,
+    )
+
+
+FULL = Method(
+    name="full",
+    description="stock llama.cpp, no compression, n_ctx large enough for the whole input (the ceiling)",
+    create=_create_full,
+    kv_usage=stock_kv_usage,
+    compresses=False,
+)
+
+_REGISTRY: dict[str, Method] = {FULL.name: FULL}
+
+# Methods the project plans, with what they wait for.
+_PLANNED = {
+    "kvcompose": "the compressing kvcompose_gguf.Llama integration, which has not landed yet",
+}
+
+
+def register(method: Method) -> None:
+    if method.name in _REGISTRY:
+        raise ValueError(f"method {method.name!r} is already registered")
+    _REGISTRY[method.name] = method
+
+
+def get_method(name: str) -> Method:
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    if name in _PLANNED:
+        raise MethodUnavailableError(
+            f"method {name!r} is not available in this version: it needs {_PLANNED[name]}. "
+            f"Available: {', '.join(available_methods())}"
+        )
+    raise UnknownMethodError(f"unknown method {name!r}; available: {', '.join(available_methods())}")
+
+
+def available_methods() -> list[str]:
+    return sorted(_REGISTRY)

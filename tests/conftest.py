@@ -19,3 +19,26 @@ def default_model_path():
         return models.smollm2_path()
     except models.ModelNotInstalledError as exc:
         pytest.skip(f"default model not installed: {exc}")
+
+
+@pytest.fixture
+def session_class():
+    """The class `sessions` opens; a test module overrides this fixture to use a subclass."""
+    from c_api import Session  # imports llama_cpp: only for tests that ask for sessions
+
+    return Session
+
+
+@pytest.fixture
+def sessions(session_class):
+    """open_session(model_path, **kwargs) -> session_class(...); every one is closed at teardown."""
+    opened = []
+
+    def open_session(*args, **kwargs):
+        s = session_class(*args, **kwargs)
+        opened.append(s)
+        return s
+
+    yield open_session
+    for s in opened:
+        s.close()

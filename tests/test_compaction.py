@@ -23,80 +23,24 @@ try:
 except native.LibraryNotPatchedError as exc:  # pragma: no cover - depends on the installed wheel
     pytestmark = pytest.mark.skip(reason=f"libllama without the kvcompose patch: {exc}")
 
+from c_api import Session  # noqa: E402
+
 from kvcompose_gguf import state, state_blob  # noqa: E402
 from kvcompose_gguf.compactor import Compactor  # noqa: E402
 
 F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, BF16 = 0, 1, 2, 3, 6, 7, 8, 30
 
 
-class Session:
-    """A model and a context driven through the C API; one llama_decode per `decode` call."""
+class CompactionSession(Session):
+    """This module's defaults: flash attention on, f16 K and V, n_batch = n_ubatch = n_ctx."""
 
-    def __init__(self, model_path, *, flash_attn=True, type_k=F16, type_v=F16, n_seq_max=1, unified=True, n_ctx=256):
-        llama_cpp.llama_backend_init()
-        self.model = llama_cpp.llama_model_load_from_file(str(model_path).encode(), llama_cpp.llama_model_default_params())
-        assert self.model
-        cp = llama_cpp.llama_context_default_params()
-        cp.n_ctx = n_ctx
-        cp.n_batch = cp.n_ubatch = n_ctx
-        cp.n_seq_max = n_seq_max
-        cp.kv_unified = unified
-        cp.n_threads = cp.n_threads_batch = 1  # a shared CI core: OpenMP barriers stall on busy machines
-        cp.flash_attn_type = (
-            llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
-        )
-        cp.type_k, cp.type_v = type_k, type_v
-        self.ctx = llama_cpp.llama_init_from_model(self.model, cp)
-        assert self.ctx
-        self.mem = llama_cpp.llama_get_memory(self.ctx)
-        self.n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self.model))
-
-    def decode(self, tokens, positions, seq_ids=None) -> np.ndarray:
-        """Decode tokens[i] at positions[i]; returns the logits of the last token."""
-        n = len(tokens)
-        seq_ids = [0] * n if seq_ids is None else list(seq_ids)
-        batch = llama_cpp.llama_batch_init(n, 0, 1)
-        try:
-            for i in range(n):
-                batch.token[i] = int(tokens[i])
-                batch.pos[i] = int(positions[i])
-                batch.n_seq_id[i] = 1
-                batch.seq_id[i][0] = int(seq_ids[i])
-                batch.logits[i] = i == n - 1
-            batch.n_tokens = n
-            assert llama_cpp.llama_decode(self.ctx, batch) == 0
-        finally:
-            llama_cpp.llama_batch_free(batch)
-        ptr = llama_cpp.llama_get_logits_ith(self.ctx, -1)
-        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
-
-    def blob(self, seq_id=0) -> bytes:
-        size = llama_cpp.llama_state_seq_get_size(self.ctx, seq_id)
-        buf = (ctypes.c_uint8 * size)()
-        assert llama_cpp.llama_state_seq_get_data(self.ctx, buf, size, seq_id) == size
-        return bytes(buf)
-
-    def set_blob(self, data: bytes, seq_id=0) -> None:
-        src = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
-        assert llama_cpp.llama_state_seq_set_data(self.ctx, src, len(data), seq_id) == len(data)
-
-    def close(self):
-        llama_cpp.llama_free(self.ctx)
-        llama_cpp.llama_model_free(self.model)
+    def __init__(self, model_path, *, flash_attn=True, type_k=F16, type_v=F16, **kwargs):
+        super().__init__(model_path, flash_attn=flash_attn, type_k=type_k, type_v=type_v, **kwargs)
 
 
 @pytest.fixture
-def sessions():
-    opened: list[Session] = []
-
-    def open_session(*args, **kwargs) -> Session:
-        s = Session(*args, **kwargs)
-        opened.append(s)
-        return s
-
-    yield open_session
-    for s in opened:
-        s.close()
+def session_class():
+    return CompactionSession
 
 
 def random_selection(rng, seq_cells, seq_positions, n_layer, n_head_kv, counts):
@@ -258,7 +202,7 @@ def test_uniform_compaction_blob_is_byte_identical_to_numpy_rearrangement(sessio
 
 def test_separate_streams_compact_only_their_own_stream(sessions, tiny_model_path):
     rng = np.random.default_rng(9)
-    s = sessions(tiny_model_path, n_seq_max=2, unified=False, n_ctx=512)
+    s = sessions(tiny_model_path, n_seq_max=2, kv_unified=False, n_ctx=512)
     s.decode(prompt(rng, 60), np.tile(np.arange(30), 2), np.repeat([0, 1], 30))
     c = Compactor(s.ctx)
     before0, before1 = s.blob(0), s.blob(1)

@@ -18,6 +18,7 @@ try:
 except ImportError as exc:  # LibraryNotPatchedError: a stock libllama
     pytest.skip(f"libllama without the kvcompose patch: {exc}", allow_module_level=True)
 
+from c_api import Session  # noqa: E402
 
 # --- a low-level session with an optional kq_soft_max capture ------------------
 
@@ -43,49 +44,14 @@ class _GgmlTensor(ctypes.Structure):
     ]
 
 
-class Session:
-    """One model + context driven through the C API, one llama_decode per `decode` call."""
+class StatsSession(Session):
+    """This module's defaults (flash attention off, n_ubatch 512, n_batch max(n_ctx, n_ubatch)),
+    an optional kq_soft_max capture, and decode(tokens, pos0, seq_ids) with consecutive positions."""
 
-    def __init__(
-        self,
-        model_path,
-        *,
-        n_ctx=256,
-        n_ubatch=512,
-        flash_attn=False,
-        type_k=None,
-        n_seq_max=1,
-        capture=False,
-        n_threads=1,
-        kv_unified=True,
-    ):
-        llama_cpp.llama_backend_init()
-        mparams = llama_cpp.llama_model_default_params()
-        self.model = llama_cpp.llama_model_load_from_file(str(model_path).encode(), mparams)
-        assert self.model
-        cparams = llama_cpp.llama_context_default_params()
-        cparams.n_ctx = n_ctx
-        cparams.n_batch = max(n_ctx, n_ubatch)
-        cparams.n_ubatch = n_ubatch
-        cparams.n_seq_max = n_seq_max
-        cparams.kv_unified = kv_unified
-        # one thread: ggml's spinning workers crawl on a shared, loaded 2-core CI machine
-        cparams.n_threads = cparams.n_threads_batch = n_threads
-        cparams.flash_attn_type = (
-            llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
-        )
-        if type_k is not None:
-            cparams.type_k = type_k
+    def __init__(self, model_path, *, n_ubatch=512, capture=False, **kwargs):
         self.captured: list[tuple[int, np.ndarray]] = []  # (layer, probs [n_head, n_tokens, n_kv]) per ubatch
-        if capture:
-            self._cb = llama_cpp.ggml_backend_sched_eval_callback(self._eval_callback)
-            cparams.cb_eval = self._cb
-            cparams.cb_eval_user_data = None
-        self.ctx = llama_cpp.llama_init_from_model(self.model, cparams)
-        assert self.ctx
-        self.n_layer = llama_cpp.llama_model_n_layer(self.model)
-        self.n_head = llama_cpp.llama_model_n_head(self.model)
-        self.n_head_kv = llama_cpp.llama_model_n_head_kv(self.model)
+        cb = llama_cpp.ggml_backend_sched_eval_callback(self._eval_callback) if capture else None
+        super().__init__(model_path, n_ubatch=n_ubatch, cb_eval=cb, **kwargs)
 
     def _eval_callback(self, tensor_p, ask, user_data):
         t = _GgmlTensor.from_address(tensor_p)
@@ -102,52 +68,27 @@ class Session:
         return True
 
     def decode(self, tokens, pos0, seq_ids=None):
-        """Decode tokens[i] at position pos0 + i (per sequence when seq_ids is given)."""
-        n = len(tokens)
-        seq_ids = [0] * n if seq_ids is None else list(seq_ids)
-        batch = llama_cpp.llama_batch_init(n, 0, 4)
-        try:
-            next_pos: dict[int, int] = {}
-            for i, (tok, sid) in enumerate(zip(tokens, seq_ids)):
-                p0 = pos0[sid] if isinstance(pos0, dict) else pos0
-                batch.token[i] = int(tok)
-                batch.pos[i] = p0 + next_pos.get(sid, 0)
-                next_pos[sid] = next_pos.get(sid, 0) + 1
-                batch.n_seq_id[i] = 1
-                batch.seq_id[i][0] = sid
-                batch.logits[i] = i == n - 1
-            batch.n_tokens = n
-            assert llama_cpp.llama_decode(self.ctx, batch) == 0
-        finally:
-            llama_cpp.llama_batch_free(batch)
-
-    def n_reused(self) -> int:
-        return llama_cpp.llama_perf_context(self.ctx).n_reused
-
-    def close(self):
-        llama_cpp.llama_free(self.ctx)
-        llama_cpp.llama_model_free(self.model)
+        """Decode tokens[i] at position pos0 + i (per sequence when seq_ids is given; pos0 may be a
+        {seq_id: first position} dict)."""
+        seq_ids = [0] * len(tokens) if seq_ids is None else list(seq_ids)
+        positions, next_pos = [], {}
+        for sid in seq_ids:
+            p0 = pos0[sid] if isinstance(pos0, dict) else pos0
+            positions.append(p0 + next_pos.get(sid, 0))
+            next_pos[sid] = next_pos.get(sid, 0) + 1
+        return super().decode(tokens, positions, seq_ids)
 
 
 @pytest.fixture
-def sessions():
-    opened: list[Session] = []
-
-    def open_session(*args, **kwargs) -> Session:
-        s = Session(*args, **kwargs)
-        opened.append(s)
-        return s
-
-    yield open_session
-    for s in opened:
-        s.close()
+def session_class():
+    return StatsSession
 
 
 def tokens_for(n: int, seed: int = 1) -> list[int]:
     return [int(t) for t in np.random.default_rng(seed).integers(3, 259, size=n)]
 
 
-def reference(session: Session, observing, n_cells, query_reduce="max", head_reduce="mean"):
+def reference(session: StatsSession, observing, n_cells, query_reduce="max", head_reduce="mean"):
     """Aggregate the captured kq_soft_max rows of the observing queries in numpy.
 
     observing: per captured ubatch (in order), the token rows that observe.

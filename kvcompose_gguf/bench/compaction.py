@@ -25,16 +25,16 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import datetime
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+
+from . import report_header, write_report
 
 F16, Q4_0, Q8_0 = 1, 2, 8
 CONFIGS = {
@@ -45,14 +45,6 @@ CONFIGS = {
 }
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 _SCRATCH: np.ndarray | None = None
@@ -265,10 +257,7 @@ def main(argv: list[str] | None = None) -> int:
 
     target = [r for r in runs if r["config"] == "f16-fa"]
     report = {
-        "benchmark": "compaction",
-        "command": "python -m kvcompose_gguf.bench.compaction " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"cpu": _cpu_model(), "cores": os.cpu_count(), "platform": platform.platform()},
+        **report_header("compaction", argv),
         "backend": "CPU",
         "threads": args.threads,
         "model": Path(model_path).name,
@@ -276,10 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         "target_met": bool(target) and all(r["ratio"] <= 3 for r in target),
         "runs": runs,
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text + "\n")
+    write_report(report, args.out)
     return 0
 
 

@@ -9,27 +9,17 @@ under 50 ms on the CI CPU. Prints JSON and writes results/policy_selection.json.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
 from kvcompose_gguf.policies import Observation, get_policy
 
+from . import report_header, write_report
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+
 
 
 def _observation(n_layer: int, n_head: int, n_cells: int, seed: int) -> Observation:
@@ -78,25 +68,14 @@ def main(argv: list[str] | None = None) -> dict:
             print(json.dumps(row), file=sys.stderr, flush=True)
 
     result = {
-        "benchmark": "policy_selection",
-        "command": "python -m kvcompose_gguf.bench.policy_selection " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {
-            "cpu": _cpu_model(),
-            "n_cpu": os.cpu_count(),
-            "load_average_1m": round(os.getloadavg()[0], 2),
-            "platform": platform.platform(),
-        },
+        **report_header("policy_selection", argv),
         "numpy": np.__version__,
         "shape": {"n_layer": args.layers, "n_head_kv": args.heads, "n_cells": args.cells},
         "repeats": args.repeats,
         "target": "kvcompose < 50 ms for 30 layers x 3 KV heads x 8192 cells",
         "results": rows,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    write_report(result, args.out)
     return result
 
 

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import datetime
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
+
+from . import report_header, write_report
 
 TEXT = (
     "The committee met on Tuesday to review the harbour accounts. Fishing licences rose, the ferry ran late "
@@ -29,14 +29,6 @@ TEXT = (
 )
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 class _Prefill:
@@ -140,10 +132,7 @@ def main(argv: list[str] | None = None) -> dict:
         bench.close()
 
     result = {
-        "benchmark": "stats_overhead",
-        "command": "python -m kvcompose_gguf.bench.stats_overhead " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"cpu": _cpu_model(), "n_cpu": os.cpu_count(), "platform": platform.platform()},
+        **report_header("stats_overhead", argv),
         "model": str(model_path.name),
         "flash_attn": args.flash_attn,
         "n_threads": args.threads,
@@ -153,10 +142,7 @@ def main(argv: list[str] | None = None) -> dict:
         "note": "minimum over repeats; with --threads 1 the process CPU time is robust to other load on a shared machine",
         "results": rows,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    write_report(result, args.out)
     return result
 
 

@@ -2,9 +2,9 @@
 
 "full" is stock llama.cpp with a cache large enough for everything: the ceiling
 every compressing method is measured against. Compressing methods register
-here when the compressing `kvcompose_gguf.Llama` lands; until then asking for
-one raises `MethodUnavailableError` rather than running something else under
-its name.
+here through an adapter over `kvcompose_gguf.Llama`; until one is written,
+asking for one raises `MethodUnavailableError` rather than running something
+else under its name.
 """
 
 from __future__ import annotations
@@ -95,7 +95,10 @@ _REGISTRY: dict[str, Method] = {FULL.name: FULL}
 
 # Methods the project plans, with what they wait for.
 _PLANNED = {
-    "kvcompose": "the compressing kvcompose_gguf.Llama integration, which has not landed yet",
+    "kvcompose": (
+        "an eval adapter over kvcompose_gguf.Llama (compress the prompt to kv_budget before the answer, "
+        "report KvUsage from its cells), which is not written yet"
+    ),
 }
 
 

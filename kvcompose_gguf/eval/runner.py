@@ -269,13 +269,15 @@ def _run_chat(ctx: _Context, setting: Setting, length: int) -> None:
 def _kl_windows(ctx: _Context, length: int) -> list[list[int]]:
     """Seeded token windows of the long text: BOS, `length` context tokens, kl_tokens continuation tokens."""
     config = ctx.config
-    key = ("tokens", config.long_text)
+    span = length + config.kl_tokens
+    # Windows come from the first 64 spans' worth of characters (several windows' worth of
+    # tokens for any tokenizer): tokenizing the whole text is slow with a byte-level vocabulary.
+    key = ("tokens", config.long_text, span)
     if key not in ctx.kl_reference:
         ctx.kl_reference[key] = ctx.tokenizer.tokenize(
-            texts.long_text(config.long_text).encode("utf-8"), add_bos=False, special=False
+            texts.long_text(config.long_text)[: 64 * span].encode("utf-8"), add_bos=False, special=False
         )
     all_tokens = ctx.kl_reference[key]
-    span = length + config.kl_tokens
     if len(all_tokens) < span:
         raise ValueError(f"text {config.long_text!r} has {len(all_tokens)} tokens, fewer than {span}")
     rng = np.random.default_rng(config.seed)

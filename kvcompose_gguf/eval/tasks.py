@@ -507,7 +507,7 @@ def chat_recall(
 # name -> (generator, fixed options). The variants are RULER's NIAH family.
 TASKS: dict[str, tuple[Callable[..., Sample], dict]] = {
     "niah_single": (niah, {}),
-    "niah_multikey": (niah, {"n_keys": 3}),
+    "niah_multikey": (niah, {"n_keys": 2}),
     "niah_multivalue": (niah, {"n_values": 2}),
     "niah_multiquery": (niah, {"n_keys": 2, "n_queries": 2}),
     "variable_tracking": (variable_tracking, {}),

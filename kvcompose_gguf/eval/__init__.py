@@ -8,17 +8,25 @@
 - report: markdown tables, JSON, plots; command: `kvcompose eval`.
 """
 
-from .methods import KvUsage, Method, MethodUnavailableError, UnknownMethodError, available_methods, get_method, register
+from .methods import (
+    KvUsage,
+    Method,
+    MethodUnavailableError,
+    UnknownMethodError,
+    available_methods,
+    get_method,
+    register,
+)
 from .runner import EvalConfig, run_eval
 from .tasks import TASKS, Sample, generate
 
 __all__ = [
+    "TASKS",
     "EvalConfig",
     "KvUsage",
     "Method",
     "MethodUnavailableError",
     "Sample",
-    "TASKS",
     "UnknownMethodError",
     "available_methods",
     "generate",

@@ -9,8 +9,9 @@ else under its name.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 
 class UnknownMethodError(KeyError):

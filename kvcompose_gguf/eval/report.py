@@ -29,8 +29,10 @@ def markdown(results: dict) -> str:
     meta = results["meta"]
     lines = [
         f"Command: `{meta['command']}`  ",
-        f"Date: {meta['date']}; machine: {meta['machine']}; model: {meta['model']}; "
-        f"llama-cpp-python {meta['llama_cpp_python']}; {meta['seconds']:.0f} s",
+        (
+            f"Date: {meta['date']}; machine: {meta['machine']}; model: {meta['model']}; "
+            f"llama-cpp-python {meta['llama_cpp_python']}; {meta['seconds']:.0f} s"
+        ),
         "",
     ]
     accuracy = [r for r in summary if r["metric"] == "accuracy"]

@@ -300,7 +300,6 @@ def _continuation_logits(llm, window: list[int], length: int) -> np.ndarray:
 def _run_kl(ctx: _Context, setting: Setting, length: int) -> None:
     """The full cache's logits are the reference; the full method's own row is that reference
     run (KL 0 by definition, its NLL the baseline)."""
-    config = ctx.config
     windows = _kl_windows(ctx, length)
     n_ctx = _round_up(len(windows[0]) + 16)
     full = Setting("full", None, None)
@@ -325,7 +324,7 @@ def _run_kl_windows(ctx: _Context, setting: Setting, length: int, windows, n_ctx
             nll = scoring.negative_log_likelihood(logits, np.array(window[length + 2 :]))
             ctx.record(
                 setting, llm, task="kl", length=length, index=i, metric="kl_nats",
-                score=float(kl.mean()), nll=float(nll.mean()), positions=int(len(kl)),
+                score=float(kl.mean()), nll=float(nll.mean()), positions=len(kl),
                 prompt_tokens=len(window), n_ctx=n_ctx, seconds=round(time.monotonic() - start, 3),
             )
             ctx.progress.update(f"{setting.label} kl@{length}")

@@ -35,7 +35,7 @@ $(VENV)/.kvcompose-setup: $(VENV)/bin/python pyproject.toml Makefile
 # (~/.cache/kvcompose-gguf, keyed by version, patches/, native/ and CMAKE_ARGS).
 build: $(VENV)/.kvcompose-setup
 	$(PY) scripts/build_patched_llama.py
-	$(PIP) install -q --no-build-isolation -e '.[test,reference,eval]'
+	$(PIP) install -q --no-build-isolation -e '.[test,reference,eval,server]'
 
 models: $(VENV)/.kvcompose-setup
 

@@ -1,4 +1,4 @@
-"""`kvcompose` command line: `kvcompose chat`, the interactive chat demo.
+"""`kvcompose` command line: `kvcompose chat` (the interactive demo) and `kvcompose serve`.
 
 The chat keeps the whole conversation as a token history and streams each reply.
 After every reply a status line shows the conversation's logical length, the
@@ -13,12 +13,17 @@ import argparse
 import json
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TextIO
 
 CACHE_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl")
 DEFAULT_SYSTEM = "You are a helpful assistant."
 HELP_TEXT = """commands:
-  /stats        the KV cache in detail
+  /stats        the KV cache in detail: per-layer slots kept, then every number
+  /budget X     keep a fraction X in (0, 1] or X cells at each compression
+  /policy NAME  switch the compression policy ('none' for stock llama.cpp)
+  /save FILE    save the session: the compressed cache and the conversation
+  /load FILE    continue a session saved with /save
   /reset        forget the conversation (keeps the system prompt)
   /help         this text
   /quit         leave (Ctrl-D works too)
@@ -47,10 +52,76 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--seed", type=int, default=0)
     chat.add_argument("--max-tokens", type=int, default=256, help="longest reply in tokens")
     chat.add_argument("--json", action="store_true", help="print one JSON object of stats per turn (for scripts)")
+    add_serve_parser(sub)
     from .eval.command import add_eval_parser
 
     add_eval_parser(sub)
     return parser
+
+
+def add_serve_parser(sub) -> None:
+    serve = sub.add_parser(
+        "serve", help="OpenAI-compatible server (llama-cpp-python's) with KV cache compression",
+        description="Serve /v1/chat/completions and /v1/completions; GET /kv/stats shows the cache. "
+        "Every other llama-cpp-python server setting can be given as an environment variable (e.g. N_BATCH=256).",
+    )
+    serve.add_argument("model", nargs="?", default=None, help="GGUF path or known model name (default: smollm2-135m)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--n-ctx", type=int, default=2048, help="context size in cells (default 2048)")
+    serve.add_argument("--budget", type=_budget, default=0.5, help="kv_budget: fraction of cells kept (0,1] or a cell count")
+    serve.add_argument("--policy", default="kvcompose", help="compression policy (default kvcompose), 'none' for stock llama.cpp")
+    serve.add_argument("--observe", default="window", help="observation mode: window, repeat, or a task prompt")
+    serve.add_argument("--protect-prefix", type=_protect_prefix, default="system",
+                       help="first tokens never dropped: a count, or 'system' (the system message; default)")
+    serve.add_argument("--protect-recent", type=int, default=64, help="last tokens never dropped")
+    serve.add_argument("--n-gpu-layers", type=int, default=0)
+    serve.add_argument("--flash-attn", action=argparse.BooleanOptionalAction, default=True)
+    serve.add_argument("--cache-type-k", choices=CACHE_TYPES, default="f16")
+    serve.add_argument("--cache-type-v", choices=CACHE_TYPES, default="f16")
+    serve.add_argument("--chat-format", default=None, help="llama-cpp-python chat format (default: the model's template)")
+    serve.add_argument("--api-key", default=None, help="require this bearer token")
+    serve.add_argument("--seed", type=int, default=0)
+    serve.add_argument("--verbose", action="store_true", help="llama.cpp and uvicorn logs")
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    if args.cache_type_v != "f16" and not args.flash_attn:
+        raise CliError("a quantized V cache needs flash attention (drop --no-flash-attn)")
+    try:
+        from . import models
+        from .server import KVSettings, serve
+
+        model = str(models.model_path(args.model))
+    except ImportError as exc:
+        raise CliError(str(exc)) from None
+    except models.ModelNotInstalledError as exc:
+        raise CliError(str(exc)) from None
+    try:
+        settings = KVSettings(
+            model=model, host=args.host, port=args.port, n_ctx=args.n_ctx, kv_compress=args.policy,
+            kv_budget=args.budget, kv_observe=args.observe, kv_protect_prefix=args.protect_prefix,
+            kv_protect_recent=args.protect_recent, n_gpu_layers=args.n_gpu_layers, flash_attn=args.flash_attn,
+            type_k=_ggml_type(args.cache_type_k), type_v=_ggml_type(args.cache_type_v),
+            chat_format=args.chat_format, api_key=args.api_key, seed=args.seed, verbose=args.verbose,
+        )
+    except ValueError as exc:  # pydantic's ValidationError is a ValueError
+        errors = getattr(exc, "errors", lambda: [])()
+        text = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors) or str(exc)
+        raise CliError(f"bad setting: {text}") from None
+    try:
+        serve(settings)
+    except (ValueError, TypeError, NotImplementedError) as exc:  # refused while loading the model
+        raise CliError(f"could not start {Path(model).name}: {exc}") from None
+    return 0
+
+
+def _protect_prefix(text: str) -> int | str:
+    if text == "system":
+        return text
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"protect-prefix must be a token count or 'system', not {text!r}")
+    return int(text)
 
 
 def _budget(text: str) -> float | int:
@@ -167,6 +238,7 @@ class ChatSession:
     temperature: float
     messages: list = field(default_factory=list)
     turn: int = 0
+    args: argparse.Namespace | None = None  # the options the model was loaded with
 
     def __post_init__(self) -> None:
         self.reset()
@@ -177,34 +249,44 @@ class ChatSession:
 
     def reply(self, text: str, out: TextIO) -> TurnStats:
         """Stream the assistant's answer to `out`; the turn stays in the history even if cut short."""
-        self.turn += 1
-        self.messages.append({"role": "user", "content": text})
         pieces: list[str] = []
         n_reply = 0
         stopped = "done"
-        try:
-            stream = self.llm.create_chat_completion(
-                messages=self.messages, max_tokens=self.max_tokens, temperature=self.temperature, stream=True
-            )
-            for chunk in stream:
-                delta = chunk["choices"][0]["delta"].get("content")
-                if delta:
-                    pieces.append(delta)
-                    n_reply += 1
-                    out.write(delta)
-                    out.flush()
-                if chunk["choices"][0].get("finish_reason") == "length":
-                    stopped = "max tokens"
-        except KeyboardInterrupt:
-            stopped = "interrupted"
-        except ValueError as exc:  # the context window (stock) or the compression settings refused the turn
-            self.messages.pop()
-            self.turn -= 1
-            hint = " Stock llama.cpp cannot go on;" if "exceed context window" in str(exc) else ""
-            raise CliError(f"{exc}.{hint} /reset starts over.") from None
-        out.write("\n")
-        self.messages.append({"role": "assistant", "content": "".join(pieces)})
-        return self.stats(n_reply, stopped)
+        ctrl_c = _CtrlC()
+        with ctrl_c:  # before the history changes: an early Ctrl-C cannot leave half a turn
+            self.turn += 1
+            self.messages.append({"role": "user", "content": text})
+            try:
+                stream = self.llm.create_chat_completion(
+                    messages=self.messages, max_tokens=self.max_tokens, temperature=self.temperature, stream=True,
+                    logits_processor=[ctrl_c.end_of_generation(self.llm.token_eos())],
+                )
+                for chunk in stream:
+                    delta = chunk["choices"][0]["delta"].get("content")
+                    if delta:
+                        pieces.append(delta)
+                        n_reply += 1
+                        out.write(delta)
+                        out.flush()
+                    if chunk["choices"][0].get("finish_reason") == "length":
+                        stopped = "max tokens"
+                    if ctrl_c.pressed:
+                        stream.close()
+                        break
+            except KeyboardInterrupt:  # a second Ctrl-C
+                pass
+            except ValueError as exc:  # the context window (stock) or the compression settings refused the turn
+                if pieces:
+                    out.write("\n")  # the error starts its own line after a partial reply
+                self.messages.pop()
+                self.turn -= 1
+                hint = " Stock llama.cpp cannot go on;" if "exceed context window" in str(exc) else ""
+                raise CliError(f"{exc}.{hint} /reset starts over.") from None
+            if ctrl_c.pressed:
+                stopped = "interrupted"
+            out.write("\n")
+            self.messages.append({"role": "assistant", "content": "".join(pieces)})
+            return self.stats(n_reply, stopped)
 
     def stats(self, reply_tokens: int = 0, stopped: str = "idle") -> TurnStats:
         kv = self.llm.kv_stats()
@@ -224,6 +306,56 @@ class ChatSession:
         )
 
 
+class _CtrlC:
+    """Ctrl-C during a reply: stop at the next token instead of raising where it lands.
+
+    A KeyboardInterrupt raised inside a compression (half observed, half compacted) or
+    inside llama.cpp's eval callback (where ctypes swallows it and the decode fails) would
+    leave the cache inconsistent; a flag read between tokens cannot. A second Ctrl-C
+    raises at once, for a reply that is slow to produce its next token.
+    """
+
+    def __init__(self) -> None:
+        self.pressed = False
+        self._previous = None
+
+    def end_of_generation(self, eos: int):
+        """A logits processor that leaves only end-of-generation once Ctrl-C was pressed.
+
+        It runs for every sampled token, also where the text streams no chunk (bytes of
+        an unfinished character), so the reply ends at the next token either way.
+        """
+        import numpy as np
+
+        def processor(input_ids, logits):
+            if not self.pressed:
+                return logits
+            only_eos = np.full_like(logits, -np.inf)
+            only_eos[eos] = 0.0
+            return only_eos
+
+        return processor
+
+    def _handle(self, signum, frame) -> None:
+        if self.pressed:
+            raise KeyboardInterrupt
+        self.pressed = True
+
+    def __enter__(self) -> "_CtrlC":
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():  # signal handlers live there only
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
 def _read_line(interactive: bool) -> str | None:
     try:
         return input("> ") if interactive else sys.stdin.readline() or None
@@ -239,7 +371,7 @@ def run_chat(args: argparse.Namespace) -> int:
         except ImportError:
             pass
     llm = load_model(args)
-    session = ChatSession(llm, args.system, args.max_tokens, args.temperature)
+    session = ChatSession(llm, args.system, args.max_tokens, args.temperature, args=args)
     if interactive:
         print(f"kvcompose chat: policy {args.policy}, n_ctx {args.n_ctx}. /help for commands.", file=sys.stderr)
     while True:
@@ -253,14 +385,17 @@ def run_chat(args: argparse.Namespace) -> int:
         text = line.strip()
         if not text:
             continue
-        if text.startswith("/"):
-            if _slash_command(text, session) == "quit":
-                return 0
-            continue
         try:
+            if text.startswith("/"):
+                if _slash_command(text, session) == "quit":
+                    return 0
+                continue
             stats = session.reply(text, sys.stdout if not args.json else _NullWriter())
         except CliError as exc:
             print(f"error: {exc}", file=sys.stderr)
+            continue
+        except KeyboardInterrupt:  # pressed before the reply started: nothing was said
+            print(file=sys.stderr)
             continue
         if args.json:
             print(json.dumps({"reply": session.messages[-1]["content"], **stats.__dict__}), flush=True)
@@ -269,19 +404,215 @@ def run_chat(args: argparse.Namespace) -> int:
 
 
 def _slash_command(text: str, session: ChatSession) -> str | None:
-    command = text.split()[0]
+    command, _, rest = text.partition(" ")
+    rest = rest.strip()
     if command in ("/quit", "/exit"):
         return "quit"
-    if command == "/reset":
-        session.reset()
-        print("conversation reset", file=sys.stderr)
-    elif command == "/stats":
-        print(json.dumps(session.stats().__dict__, indent=2), file=sys.stderr)
-    elif command == "/help":
-        print(HELP_TEXT, file=sys.stderr)
-    else:
-        print(f"error: unknown command {command}; /help lists them", file=sys.stderr)
+    try:
+        if command == "/reset":
+            session.reset()
+            print("conversation reset", file=sys.stderr)
+        elif command == "/stats":
+            print(stats_report(session.stats()), file=sys.stderr)
+        elif command == "/budget":
+            try:
+                budget = _budget(_argument(command, rest, "a fraction in (0, 1] or a cell count"))
+            except argparse.ArgumentTypeError as exc:
+                raise CliError(str(exc)) from None
+            reconfigure(session, budget=budget)
+            print(f"budget {budget}: {_kept(session)}", file=sys.stderr)
+        elif command == "/policy":
+            reconfigure(session, policy=_argument(command, rest, "a policy name, or 'none'"))
+            print(f"policy {session.args.policy}: {_kept(session)}", file=sys.stderr)
+        elif command == "/save":
+            path = _argument(command, rest, "a file name")
+            size = save_session(session, path)
+            print(f"saved {len(session.messages)} messages and {size} bytes to {path}", file=sys.stderr)
+        elif command == "/load":
+            load_session(session, _argument(command, rest, "a file name"))
+            print(f"loaded {len(session.messages)} messages; {session.stats().status_line()}", file=sys.stderr)
+        elif command == "/help":
+            print(HELP_TEXT, file=sys.stderr)
+        else:
+            print(f"error: unknown command {command}; /help lists them", file=sys.stderr)
+    except CliError as exc:
+        print(f"error: {exc}", file=sys.stderr)
     return None
+
+
+def _argument(command: str, rest: str, what: str) -> str:
+    if not rest:
+        raise CliError(f"{command} needs {what}")
+    return rest
+
+
+def _kept(session: ChatSession) -> str:
+    return f"the conversation ({len(session.messages)} messages) is kept and re-read on the next turn"
+
+
+def stats_report(stats: TurnStats) -> str:
+    """/stats: the per-layer table of the last compression, then every number as JSON."""
+    lines = []
+    if stats.layer_budgets:
+        # The fraction is of the widest layer, whose slots set the cells every layer occupies.
+        widest = max(stats.layer_budgets) or 1
+        lines.append("last compression, per layer:")
+        lines.append("layer  slots kept  fraction of widest")
+        for layer, kept in enumerate(stats.layer_budgets):
+            lines.append(f"{layer:5d}  {kept:10d}  {kept / widest:18.3f}")
+    else:
+        lines.append("no compression yet: every layer holds every cell")
+    lines.append(json.dumps(stats.__dict__, indent=2))
+    return "\n".join(lines)
+
+
+def reconfigure(session: ChatSession, **changes) -> None:
+    """Reload the model with changed options, keeping the conversation.
+
+    The new `Llama` is built before the old one is closed, so refused options lose nothing.
+    The next turn re-reads (and, if needed, compresses) the whole conversation.
+    """
+    args = argparse.Namespace(**{**vars(session.args), **changes})
+    llm = load_model(args)
+    session.llm.close()
+    session.llm, session.args = llm, args
+
+
+# The session file: a small container beside llama.cpp's (or our versioned) state:
+#   MAGIC | u32 version | u32 header bytes | header (JSON) | input ids int32 | last logits float32
+#   | state bytes | sha256 of everything before it
+SESSION_MAGIC = b"KVCCHAT\0"
+SESSION_VERSION = 1
+_SESSION_OPTIONS = ("model", "n_ctx", "policy", "budget", "observe", "cache_type_k", "cache_type_v", "flash_attn")
+
+
+def save_session(session: ChatSession, path: str) -> int:
+    """Write the conversation and the (compressed) cache to `path`; returns the bytes written."""
+    import hashlib
+    import struct
+
+    import numpy as np
+
+    llm = session.llm
+    state = llm.save_state()
+    n_tokens = int(state.n_tokens)
+    input_ids = np.asarray(state.input_ids[:n_tokens], dtype=np.int32)
+    # The logits are recomputed by the next turn (it re-evaluates at least one token);
+    # only the last row is kept so a session file stays small.
+    scores = np.asarray(state.scores, dtype=np.float32)
+    last_logits = scores[min(n_tokens, len(scores)) - 1] if n_tokens and len(scores) else np.zeros(0, np.float32)
+    blob = bytes(state.llama_state)
+    header = {
+        "messages": session.messages,
+        "turn": session.turn,
+        "options": {k: getattr(session.args, k) for k in _SESSION_OPTIONS},
+        "model_file": _model_file(llm),
+        "n_tokens": n_tokens,
+        "n_vocab": len(last_logits),
+        "seed": int(state.seed),
+        "kv_compressed_upto": getattr(state, "kv_compressed_upto", None),
+        "state_bytes": len(blob),
+    }
+    encoded = json.dumps(header).encode()
+    body = (SESSION_MAGIC + struct.pack("<II", SESSION_VERSION, len(encoded)) + encoded
+            + input_ids.tobytes() + last_logits.tobytes() + blob)
+    data = body + hashlib.sha256(body).digest()
+    try:
+        with open(path, "wb") as f:
+            f.write(data)
+    except OSError as exc:
+        raise CliError(f"could not save to {path}: {exc.strerror or exc}") from None
+    return len(data)
+
+
+def read_session(path: str) -> tuple[dict, "llama_cpp.LlamaState"]:  # noqa: F821
+    """The header and state of a session file; CliError if it is unreadable, corrupt or foreign."""
+    import hashlib
+    import struct
+
+    import llama_cpp
+    import numpy as np
+
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        raise CliError(f"could not read {path}: {exc.strerror or exc}") from None
+    fixed = len(SESSION_MAGIC) + 8
+    if len(data) < fixed + 32 or not data.startswith(SESSION_MAGIC):
+        raise CliError(f"{path} is not a kvcompose chat session")
+    body, digest = data[:-32], data[-32:]
+    if hashlib.sha256(body).digest() != digest:
+        raise CliError(f"{path} is corrupt (checksum mismatch)")
+    version, header_bytes = struct.unpack_from("<II", body, len(SESSION_MAGIC))
+    if version != SESSION_VERSION:
+        raise CliError(f"{path} is a version {version} session; this kvcompose reads version {SESSION_VERSION}")
+    try:
+        header = json.loads(body[fixed : fixed + header_bytes])
+        n_tokens, n_vocab, state_bytes = header["n_tokens"], header["n_vocab"], header["state_bytes"]
+        offset = fixed + header_bytes
+        sizes = (4 * n_tokens, 4 * n_vocab, state_bytes)
+        if offset + sum(sizes) != len(body):
+            raise ValueError("section sizes do not add up")
+        input_ids = np.frombuffer(body, np.int32, n_tokens, offset)
+        last_logits = np.frombuffer(body, np.float32, n_vocab, offset + sizes[0])
+        blob = body[offset + sizes[0] + sizes[1] :]
+        state = llama_cpp.LlamaState(
+            input_ids=input_ids.astype(np.intc),
+            scores=last_logits.reshape(1, -1).copy(),
+            n_tokens=n_tokens,
+            llama_state=blob,
+            llama_state_size=len(blob),
+            seed=header["seed"],
+        )
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CliError(f"{path} is malformed: {exc}") from None
+    if header["kv_compressed_upto"] is not None:
+        state.kv_compressed_upto = header["kv_compressed_upto"]
+    return header, state
+
+
+def load_session(session: ChatSession, path: str) -> None:
+    """Continue the session saved in `path`: its options, conversation and cache.
+
+    A file that cannot be loaded leaves the running session exactly as it was.
+    """
+    import numpy as np
+
+    header, state = read_session(path)
+    options = header["options"]
+    current = {k: getattr(session.args, k) for k in _SESSION_OPTIONS}
+    llm = session.llm
+    if options != current:
+        llm = load_model(argparse.Namespace(**{**vars(session.args), **options}))
+    try:
+        if _model_file(llm) != header["model_file"]:
+            raise CliError(f"{path} was saved with {header['model_file']}, not {_model_file(llm)}")
+        if header["n_tokens"] and header["n_vocab"] != llm.n_vocab():
+            raise CliError(f"{path} holds logits for {header['n_vocab']} tokens, the model has {llm.n_vocab()}")
+        input_ids = np.zeros(len(llm.input_ids), dtype=np.intc)
+        if state.n_tokens > len(input_ids):
+            raise CliError(f"{path} holds {state.n_tokens} tokens, more than this model's history can")
+        input_ids[: state.n_tokens] = state.input_ids
+        state.input_ids = input_ids
+        try:
+            llm.load_state(state)
+        except (ValueError, RuntimeError) as exc:  # StateFormatError is a ValueError
+            raise CliError(f"could not load {path}: {exc}") from None
+    except CliError:
+        if llm is not session.llm:
+            llm.close()
+        raise
+    if llm is not session.llm:
+        session.llm.close()
+        session.llm = llm
+        session.args = argparse.Namespace(**{**vars(session.args), **options})
+    session.messages = header["messages"]
+    session.turn = header["turn"]
+
+
+def _model_file(llm) -> str:
+    return Path(llm.model_path).name
 
 
 class _NullWriter:
@@ -299,6 +630,8 @@ def main(argv: list[str] | None = None) -> int:
             from .eval.command import run_eval_command
 
             return run_eval_command(args, argv)
+        if args.command == "serve":
+            return run_serve(args)
         return run_chat(args)
     except CliError as exc:
         print(f"kvcompose: error: {exc}", file=sys.stderr)

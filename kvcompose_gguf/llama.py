@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
 import numpy as np
@@ -28,9 +28,9 @@ import llama_cpp
 
 from . import native  # noqa: F401  (the package import checks the patched library)
 from . import state as kv_state
-from .compactor import CompactionResult, Compactor
+from .compactor import CompactionResult, Compactor, SlotTable
 from .policies import Policy, get_policy, protect_positions
-from .stats import AttentionObserver, broadcast_positions
+from .stats import AttentionObserver, broadcast_positions, cell_positions
 
 logger = logging.getLogger("kvcompose_gguf")
 
@@ -49,7 +49,9 @@ class CompressionSettings:
         cells, otherwise it falls back to "window" and logs why), or any other string:
         a task prompt whose tokens are the observing queries.
     window: observing queries in window mode.
-    protect_prefix: the first tokens of the history (e.g. the system prompt) are never dropped.
+    protect_prefix: the first tokens of the history are never dropped: an int, or "system":
+        the tokens of the leading system message of the last `create_chat_completion`
+        while the history still starts with them (`SystemPrompt`).
     protect_recent: the last tokens of the history are never dropped.
     """
 
@@ -57,7 +59,7 @@ class CompressionSettings:
     kv_budget: float | int
     observe: str
     window: int
-    protect_prefix: int
+    protect_prefix: int | str
     protect_recent: int
 
     @classmethod
@@ -71,10 +73,13 @@ class CompressionSettings:
             raise ValueError(f"kv_budget as a cell count must be >= 1, got {kv_budget}")
         if not isinstance(kv_observe, str) or not kv_observe:
             raise ValueError(f"kv_observe must be 'window', 'repeat' or a task prompt, got {kv_observe!r}")
-        for name, value, low in (("kv_window", kv_window, 1), ("kv_protect_prefix", kv_protect_prefix, 0),
-                                 ("kv_protect_recent", kv_protect_recent, 1)):
-            if not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+        checked = [("kv_window", kv_window, 1), ("kv_protect_recent", kv_protect_recent, 1)]
+        if kv_protect_prefix != "system":
+            checked.append(("kv_protect_prefix", kv_protect_prefix, 0))
+        for name, value, low in checked:
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"{name} must be an int >= {low}" + (' or "system"' if name == "kv_protect_prefix"
+                                 else "") + f", got {value!r}")
         if getattr(policy, "accumulate", False):
             raise NotImplementedError(
                 f"policy {kv_compress!r} accumulates attention over the whole history, which Llama does not "
@@ -103,6 +108,19 @@ class KVCompression:
     compactor: Compactor
     compressed_upto: int = 0  # logical tokens older than this may live in composite slots
     records: list[CompressionRecord] = field(default_factory=list)
+    positions: "CachePositions" = field(init=False)
+    system_tokens: list[int] = field(default_factory=list)  # the leading system message, for protect_prefix="system"
+
+    def __post_init__(self) -> None:
+        self.positions = CachePositions(self)
+
+    def protected_prefix(self) -> int:
+        """Logical tokens at the start of the history that compression must keep."""
+        n, wanted = self.llm.n_tokens, self.settings.protect_prefix
+        if wanted != "system":
+            return min(wanted, n)
+        k = min(len(self.system_tokens), n)
+        return k if [int(t) for t in self.llm.input_ids[:k]] == self.system_tokens[:k] else 0
 
     def cells_used(self) -> int:
         return len(self.compactor.seq_cells(SEQ_ID).cells)
@@ -110,6 +128,7 @@ class KVCompression:
     def forget(self) -> None:
         """The cache no longer holds compacted cells (it was cleared)."""
         self.compressed_upto = 0
+        self.positions.offset = 0
         self.compactor.set_table(SEQ_ID, None)
 
     def probe_reserve(self) -> int:
@@ -133,12 +152,12 @@ class KVCompression:
                 f"n_ctx={llm.n_ctx()} even after compression"
             )
         n = llm.n_tokens
-        prefix = min(s.protect_prefix, n)
+        prefix = self.protected_prefix()
         if prefix >= cap:
             raise ValueError(
                 f"the protected prefix ({prefix} tokens) does not fit in the {cap} cells left after reserving "
-                f"{need_free} for new tokens and {self.probe_reserve()} for observation: raise n_ctx or lower "
-                "kv_protect_prefix"
+                f"{need_free} for new tokens and {self.probe_reserve()} for observation: raise n_ctx or "
+                "shorten the system prompt / lower kv_protect_prefix"
             )
         # Recent tokens are protected within what the cells allow: a long new turn in a
         # small context must not make compression impossible.
@@ -146,9 +165,10 @@ class KVCompression:
         observation, mode = self._observe(list(upcoming), observe or s.observe)
         spans = [(0, prefix), (max(0, n - recent), n)]
         protected = protect_positions(observation, spans)
-        selection = s.policy.select(
-            observation, s.kv_budget if kv_budget is None else kv_budget, protected=protected, layer_caps=cap
-        )
+        if kv_budget is None:
+            kv_budget = self._covering_protection(s.kv_budget, observation, protected, cap)
+        selection = s.policy.select(observation, kv_budget, protected=protected, layer_caps=cap)
+        selection = replace(selection, slot_positions=self.positions.slot_cache_positions(observation, selection))
         result = self.compactor.apply(selection, seq_id=SEQ_ID, cell_tokens=self._cell_tokens(observation))
         self.compressed_upto = n
         record = CompressionRecord(n, time.perf_counter() - start, result, selection.counts.copy(), mode)
@@ -160,6 +180,24 @@ class KVCompression:
             result.physical_bytes_freed, result.logical_entries_dropped,
         )
         return record
+
+    @staticmethod
+    def _covering_protection(kv_budget, observation, protected: np.ndarray, cap: int):
+        """The configured budget, raised when it would keep fewer cells than are protected
+        (a long system prompt in a small context): then the protected cells plus half of
+        the remaining room. An explicit `Llama.compress(kv_budget=...)` is never raised."""
+        layer_tokens = (observation.positions >= 0).any(axis=1).sum(axis=1)
+        n_protected = int(protected.sum(axis=-1).max())
+        want = min(cap, n_protected + max(1, (cap - n_protected) // 2))
+        fewest = int(layer_tokens.min())
+        kept = int(fewest * kv_budget) if isinstance(kv_budget, float) else min(kv_budget, fewest)
+        if kept > n_protected:
+            return kv_budget
+        # an int budget: every layer may keep `want` (<= cap), which a global fraction cannot promise
+        raised = int(min(want, layer_tokens.max()))
+        logger.info("kv_budget %s keeps %d cells but %d are protected: keeping %s this time", kv_budget, kept,
+                    n_protected, raised)
+        return raised
 
     # --- observation ---------------------------------------------------------------
 
@@ -196,15 +234,20 @@ class KVCompression:
         )
         with observer:
             llm._decode_at(probe, n)
-            observation = observer.observation(positions=self._position_table(observer))
-        llm._ctx.kv_cache_seq_rm(SEQ_ID, n, -1)
+            observation = observer.observation(positions=self.logical_positions())
+        llm._ctx.kv_cache_seq_rm(SEQ_ID, self.positions.cache(n), -1)
         llm._requires_eval = True  # the logits are the probe's
         return _without_positions_from(observation, n), mode
 
-    def _position_table(self, observer: AttentionObserver) -> np.ndarray:
-        """Original position per (layer, KV head, cell): composite slots from the slot table."""
-        n_layer, n_head_kv, _ = observer.shape()
-        table = broadcast_positions(observer.cell_positions(), n_layer, n_head_kv).copy()
+    def logical_positions(self) -> np.ndarray:
+        """Original (logical) position per (layer, KV head, cell) of the stream, -1 where empty.
+
+        Cells decoded since the last compaction or rebase hold cache position + offset;
+        the others (composite slots, rebased cells) are in the slot table.
+        """
+        cache = cell_positions(self.llm, SEQ_ID)
+        logical = np.where(cache >= 0, cache + self.positions.offset, -1)
+        table = broadcast_positions(logical, self.compactor.n_layer, self.compactor.n_head_kv).copy()
         slots = self.compactor.table(SEQ_ID)
         if slots is not None:
             table[:, :, slots.slot_cells] = slots.positions
@@ -215,6 +258,141 @@ class KVCompression:
         positions = observation.positions.max(axis=(0, 1))
         history = self.llm.input_ids
         return np.where(positions >= 0, history[np.clip(positions, 0, len(history) - 1)], -1).astype(np.int32)
+
+
+class _Captured(Exception):
+    def __init__(self, prompt):
+        self.prompt = prompt
+
+
+class SystemPrompt:
+    """The tokens of a chat's leading system message, as the chat format lays them out.
+
+    The chat handler formats and tokenizes; its prompt is captured (the completion is not
+    run) for the system message alone and for the whole chat, and their common token
+    prefix is the system message's span, whatever the template appends after it.
+    """
+
+    def __init__(self, llm: "Llama"):
+        self.llm = llm
+
+    def tokens(self, messages: Sequence[dict]) -> list[int]:
+        if not messages or messages[0].get("role") != "system":
+            return []
+        alone, whole = self._prompt(list(messages[:1])), self._prompt(list(messages))
+        if alone is None or whole is None:
+            logger.info("the chat handler did not call create_completion: no system prompt protected")
+            return []
+        k = 0
+        for a, b in zip(alone, whole):
+            if a != b:
+                break
+            k += 1
+        return whole[:k]
+
+    def _prompt(self, messages: list[dict]) -> list[int] | None:
+        llm = self.llm
+        handler = (
+            llm.chat_handler
+            or llm._chat_handlers.get(llm.chat_format)
+            or llama_cpp.llama_chat_format.get_chat_completion_handler(llm.chat_format)
+        )
+
+        def capture(prompt, *args, **kwargs):
+            raise _Captured(prompt)
+
+        llm.create_completion = capture  # the instance attribute shadows the method for this call only
+        try:
+            handler(llama=llm, messages=messages)
+        except _Captured as captured:
+            prompt = captured.prompt
+            return llm.tokenize(prompt.encode(), special=True) if isinstance(prompt, str) else [int(t) for t in prompt]
+        finally:
+            del llm.create_completion
+        return None
+
+
+class CachePositions:
+    """Maps logical positions to the positions llama.cpp's cells hold, and rebases them.
+
+    A RoPE model is trained on distances below n_ctx_train. A compressed history grows
+    past it while the cache holds at most n_ctx cells, so before the next position would
+    reach `limit` the cells are moved down to consecutive positions 0..k-1 (order kept)
+    with llama.cpp's position shift, which re-rotates K (K-shift). Rotations compose, so
+    this is valid for composite cells whose heads hold tokens of different positions.
+    Afterwards a new token at logical index i is decoded at i - offset.
+    """
+
+    def __init__(self, kv: "KVCompression"):
+        self.kv = kv
+        self.offset = 0
+        self.rebases = 0
+
+    @property
+    def limit(self) -> int:
+        return self.kv.llm._model.n_ctx_train()
+
+    def can_shift(self) -> bool:
+        return bool(llama_cpp.llama_memory_can_shift(self._memory()))
+
+    def cache(self, logical: int) -> int:
+        return logical - self.offset
+
+    def ensure_room(self, n_new: int) -> None:
+        """Rebase unless n_new tokens plus the observing queries fit below `limit`."""
+        kv, llm = self.kv, self.kv.llm
+        if self.cache(llm.n_tokens) + n_new + kv.probe_reserve() <= self.limit:
+            return
+        if not self.can_shift():
+            raise ValueError(
+                f"the logical history would pass the model's training context ({self.limit}) and this "
+                "memory cannot shift positions"
+            )
+        if llm.n_ctx() + n_new + kv.probe_reserve() > self.limit:
+            raise ValueError(
+                f"n_ctx={llm.n_ctx()} plus {n_new} new tokens and {kv.probe_reserve()} observing queries "
+                f"do not fit below the model's training context ({self.limit}): lower n_ctx"
+            )
+        self.rebase()
+
+    def rebase(self) -> None:
+        """Shift the sequence's cells to positions 0..k-1 (in their order) and record where they came from."""
+        kv, llm = self.kv, self.kv.llm
+        logical = kv.logical_positions()
+        seq = kv.compactor.seq_cells(SEQ_ID)
+        # Every cell becomes a slot of the table: its llama.cpp position no longer says
+        # which token it holds.
+        table = logical[:, :, seq.cells]
+        tokens = np.where(table >= 0, llm.input_ids[np.clip(table, 0, None)], -1).astype(np.int32)
+        owned = (table >= 0).any(axis=1).sum(axis=1).astype(np.int32)
+        kv.compactor.set_table(SEQ_ID, SlotTable(table, tokens, owned, seq.cells.copy()))
+        old = np.unique(seq.positions)
+        memory = self._memory()
+        for new, pos in enumerate(old.tolist()):  # ascending: a moved cell never meets a later range
+            if new != pos:
+                llama_cpp.llama_memory_seq_add(memory, SEQ_ID, pos, pos + 1, new - pos)
+        self.offset = llm.n_tokens - len(old)
+        kv.compressed_upto = max(kv.compressed_upto, llm.n_tokens)
+        self.rebases += 1
+        logger.info("rebased %d cells from positions %d..%d to 0..%d at %d logical tokens",
+                    len(seq.cells), old[0], old[-1], len(old) - 1, llm.n_tokens)
+
+    def slot_cache_positions(self, observation, selection) -> np.ndarray:
+        """The selection's slot positions (logical) as cache positions, order kept.
+
+        A slot goes to the cache position of the first cell whose newest token is at or
+        after the slot's logical position: the identity while nothing was rebased.
+        """
+        cache = cell_positions(self.kv.llm, SEQ_ID)
+        newest = observation.positions.max(axis=(0, 1))
+        held = newest >= 0
+        order = np.argsort(newest[held], kind="stable")
+        logical_sorted, cache_sorted = newest[held][order], cache[held][order]
+        index = np.searchsorted(logical_sorted, selection.slot_positions, side="left")
+        return cache_sorted[np.clip(index, 0, len(cache_sorted) - 1)].astype(np.int32)
+
+    def _memory(self):
+        return llama_cpp.llama_get_memory(self.kv.llm._ctx.ctx)
 
 
 def _without_positions_from(observation, first: int):
@@ -236,8 +414,13 @@ class Llama(llama_cpp.Llama):
     kv_budget: fraction of the cells kept at each compression, in (0, 1], or an int cell count.
     kv_observe: "window" (default), "repeat", or a task prompt (see `CompressionSettings`).
     kv_window: observing queries in window mode (default 32).
-    kv_protect_prefix: first tokens never dropped, e.g. the system prompt (default 0).
+    kv_protect_prefix: first tokens never dropped: an int, or "system" (default): the leading
+        system message of `create_chat_completion`.
     kv_protect_recent: last tokens never dropped (default 64).
+    kv_max_history: longest logical history (prompt plus completion) accepted, default 2**20;
+        `max_tokens=None` generates up to it. Past the model's training context the cells'
+        positions are rebased (`CachePositions`); a memory that cannot shift positions keeps
+        the training context as the limit.
     """
 
     def __init__(
@@ -247,8 +430,9 @@ class Llama(llama_cpp.Llama):
         kv_budget: float | int = 0.5,
         kv_observe: str = "window",
         kv_window: int = 32,
-        kv_protect_prefix: int = 0,
+        kv_protect_prefix: int | str = "system",
         kv_protect_recent: int = 64,
+        kv_max_history: int = 1 << 20,
         **kwargs: Any,
     ):
         settings = None
@@ -256,14 +440,18 @@ class Llama(llama_cpp.Llama):
             settings = CompressionSettings.from_kwargs(
                 kv_compress, kv_budget, kv_observe, kv_window, kv_protect_prefix, kv_protect_recent
             )
+            if not isinstance(kv_max_history, int) or kv_max_history < 1:
+                raise ValueError(f"kv_max_history must be an int >= 1, got {kv_max_history!r}")
             if kwargs.get("logits_all"):
                 raise ValueError("logits_all=True keeps logits for the whole logical history; not supported with kv_compress")
         super().__init__(*args, **kwargs)
         self._kv: KVCompression | None = None
         if settings is not None:
             self._kv = KVCompression(self, settings, Compactor(self))
-            # The logical history may outgrow n_ctx up to the model's training context.
-            self._n_ctx = max(self._n_ctx, self._model.n_ctx_train())
+            # The logical history may outgrow n_ctx and, when positions can be rebased,
+            # the model's training context; completions check prompts against _n_ctx.
+            limit = kv_max_history if self._kv.positions.can_shift() else self._model.n_ctx_train()
+            self._n_ctx = max(self._n_ctx, limit)
             self.input_ids = np.zeros(self._n_ctx, dtype=np.intc)
 
     # --- the llama_cpp.Llama seam -------------------------------------------------
@@ -280,12 +468,12 @@ class Llama(llama_cpp.Llama):
             return super().eval(tokens)
         if self.n_tokens < kv.compressed_upto:
             self._rebuild(self.n_tokens)
-        self._ctx.kv_cache_seq_rm(-1, self.n_tokens, -1)
+        self._ctx.kv_cache_seq_rm(-1, kv.positions.cache(self.n_tokens), -1)
         tokens = list(tokens)
         if self.n_tokens + len(tokens) > self._n_ctx:
             raise ValueError(
-                f"the logical history would reach {self.n_tokens + len(tokens)} tokens, past the model's "
-                f"training context of {self._n_ctx}"
+                f"the logical history would reach {self.n_tokens + len(tokens)} tokens, past "
+                f"kv_max_history={self._n_ctx}"
             )
         # Chunks of at most a quarter of the cells: a compression before each chunk then
         # still keeps most of the history, even when n_batch is as large as n_ctx.
@@ -295,7 +483,11 @@ class Llama(llama_cpp.Llama):
             if len(batch) + kv.probe_reserve() > self.n_ctx() - kv.cells_used():
                 # The end of a long prompt (usually the question) is known before its
                 # beginning is compressed: it joins the observing queries every round.
-                kv.compress(len(batch), upcoming=tokens[i:])
+                # Free a whole chunk even for one generated token: one compression then
+                # serves many tokens instead of one each.
+                kv.positions.ensure_room(0)
+                kv.compress(max(len(batch), chunk), upcoming=tokens[i:])
+            kv.positions.ensure_room(len(batch))
             self._decode_at(batch, self.n_tokens)
             self.input_ids[self.n_tokens : self.n_tokens + len(batch)] = batch
             self.n_tokens += len(batch)
@@ -303,10 +495,18 @@ class Llama(llama_cpp.Llama):
 
     def _decode_at(self, tokens: Sequence[int], first_position: int) -> None:
         """Decode `tokens` at logical positions first_position.. (logits for the last one)."""
+        first_cache = self._kv.positions.cache(first_position)
         for i in range(0, len(tokens), self.n_batch):
             batch = tokens[i : i + self.n_batch]
-            self._batch.set_batch(batch=batch, n_past=first_position + i, logits_all=False)
+            self._batch.set_batch(batch=batch, n_past=first_cache + i, logits_all=False)
             self._ctx.decode(self._batch)
+
+    def create_chat_completion(self, messages, *args: Any, **kwargs: Any):
+        """`llama_cpp.Llama.create_chat_completion`; with kv_protect_prefix="system" the
+        leading system message is protected from compression."""
+        if self._kv is not None and self._kv.settings.protect_prefix == "system":
+            self._kv.system_tokens = SystemPrompt(self).tokens(messages)
+        return super().create_chat_completion(messages, *args, **kwargs)
 
     def _rebuild(self, n_keep: int) -> None:
         """Drop the cache and re-evaluate the first n_keep logical tokens (compressing as needed)."""
@@ -326,22 +526,31 @@ class Llama(llama_cpp.Llama):
             raise RuntimeError("this Llama was created without kv_compress; nothing to compress")
         if self.n_tokens == 0:
             raise ValueError("the cache is empty: nothing to compress")
+        self._kv.positions.ensure_room(0)
         return self._kv.compress(0, kv_budget=kv_budget, observe=observe)
 
     def save_state(self) -> llama_cpp.LlamaState:
-        """The state, compressed cache included (rows, per-layer budgets, slot table)."""
+        """The state, compressed cache included (rows, per-layer budgets, slot table).
+
+        `set_cache(LlamaRAMCache())` / `LlamaDiskCache` work unchanged: they store these
+        states and a cache hit restores one through `load_state`, compressed cells and
+        position offset included, instead of re-evaluating (and recompressing) the prompt.
+        """
         if self._kv is None:
             return super().save_state()
         container = kv_state.save_seq(self._kv.compactor, SEQ_ID)
         saved = llama_cpp.LlamaState(
             scores=self._scores.copy(),
-            input_ids=self.input_ids.copy(),
+            # the logical history only: input_ids is sized for kv_max_history, and a
+            # LlamaRAMCache compares this array with prompts
+            input_ids=self.input_ids[: self.n_tokens].copy(),
             n_tokens=self.n_tokens,
             llama_state=container,
             llama_state_size=len(container),
             seed=self._seed,
         )
         saved.kv_compressed_upto = self._kv.compressed_upto
+        saved.kv_position_offset = self._kv.positions.offset
         return saved
 
     def load_state(self, state: llama_cpp.LlamaState) -> None:
@@ -351,12 +560,14 @@ class Llama(llama_cpp.Llama):
         if not hasattr(state, "kv_compressed_upto"):
             raise ValueError("this state was saved by a Llama without kv_compress; load it into one")
         kv_state.load_seq(self._kv.compactor, bytes(state.llama_state), SEQ_ID)
-        self.scores[: state.n_tokens, :] = state.scores.copy()
-        self.input_ids = state.input_ids.copy()
+        self.scores[: len(state.scores), :] = state.scores
+        self.input_ids[:] = 0
+        self.input_ids[: state.n_tokens] = state.input_ids[: state.n_tokens]
         self.n_tokens = state.n_tokens
         self._requires_eval = True
         self._seed = state.seed
         self._kv.compressed_upto = state.kv_compressed_upto
+        self._kv.positions.offset = getattr(state, "kv_position_offset", 0)
 
     def kv_stats(self) -> dict[str, Any]:
         """Logical tokens, cells, compressions and their memory effects (three kinds, kept apart)."""
@@ -368,8 +579,31 @@ class Llama(llama_cpp.Llama):
             "cells_used": int(cells),
             "n_ctx": int(self.n_ctx()),
             "compressions": len(records),
+            "rebases": self._kv.positions.rebases if self._kv else 0,
+            "position_offset": self._kv.positions.offset if self._kv else 0,
             "last_compression_seconds": last.seconds if last else None,
             "physical_bytes_freed": sum(r.result.physical_bytes_freed for r in records),
             "logical_entries_dropped": sum(r.result.logical_entries_dropped for r in records),
             "layer_budgets": last.layer_counts.tolist() if last else None,
+            "protected_prefix": self._kv.protected_prefix() if self._kv else 0,
         }
+
+    def format_kv_stats(self) -> str:
+        """`kv_stats()` as readable text: a summary line and a per-layer table."""
+        stats = self.kv_stats()
+        lines = [
+            f"logical tokens {stats['logical_tokens']} | cells used {stats['cells_used']} of n_ctx {stats['n_ctx']} | "
+            f"compressions {stats['compressions']} | rebases {stats['rebases']} | "
+            f"protected prefix {stats['protected_prefix']}",
+            f"KV bytes free for new tokens {stats['physical_bytes_freed']} | logical entries dropped "
+            f"{stats['logical_entries_dropped']}",
+        ]
+        if self._kv is None:
+            return "\n".join(lines)
+        attended = self._kv.compactor.cells_owned(SEQ_ID)
+        budgets = stats["layer_budgets"] or [None] * len(attended)
+        lines.append("layer | slots kept at last compression | cells attended now")
+        for layer, (kept, now) in enumerate(zip(budgets, attended.tolist())):
+            lines.append(f"{layer:5d} | {'-' if kept is None else kept:>30} | {now:>18}")
+        return "\n".join(lines)
+

@@ -113,6 +113,8 @@ def test_a_prompt_extending_the_history_reuses_the_compressed_cache(tiny_model_p
         ({"kv_window": 0}, ValueError, "kv_window"),
         ({"kv_compress": "h2o"}, NotImplementedError, "accumulates"),
         ({"logits_all": True}, ValueError, "logits_all"),
+        ({"kv_protect_prefix": "sys"}, ValueError, "kv_protect_prefix"),
+        ({"kv_max_history": 0}, ValueError, "kv_max_history"),
     ],
 )
 def test_bad_settings_raise_before_loading(tiny_model_path, kwargs, error, message):
@@ -176,3 +178,254 @@ def test_observation_modes(tiny_model_path, caplog, observe, n_ctx, mode):
     assert llm.kv_stats()["cells_used"] == record.result.cells_after == max(record.layer_counts)
     llm.eval([42])
     assert llm.kv_stats()["logical_tokens"] == 151
+
+
+# --- positions past the model's training context ------------------------------------
+
+TRAIN_CTX = 384
+
+
+@pytest.fixture(scope="module")
+def short_context_models(tmp_path_factory):
+    """Tiny models trained (nominally) on 384 positions, 1.5 x the smallest n_ctx llama.cpp makes (256): 4 layers, and 1 layer, whose K/V
+    depend only on token and position (so a reference can decode them directly)."""
+    from tiny_models import TinyConfig, write_tiny_model
+
+    root = tmp_path_factory.mktemp("short-ctx")
+    return {n: write_tiny_model(root / f"tiny-{n}l-{TRAIN_CTX}.gguf", TinyConfig(n_layer=n, n_ctx_train=TRAIN_CTX)) for n in (1, 4)}
+
+
+def _cells_by_position(llm):
+    """(tokens, cache positions) of the cells of seq 0 in position order; each cell must hold one token."""
+    from kvcompose_gguf.stats import cell_positions
+
+    cache = cell_positions(llm, 0)
+    logical = llm._kv.logical_positions()
+    held = cache >= 0
+    assert (logical[:, :, held] == logical[:1, :1, held]).all(), "a cell holds different tokens per head"
+    order = np.argsort(cache[held])
+    return llm.input_ids[logical[0, 0, held][order]], cache[held][order]
+
+
+def _decode_at_positions(llm, tokens, positions) -> np.ndarray:
+    """Decode tokens at explicit positions in one batch on a stock context; last logits."""
+    batch = llama_cpp.llama_batch_init(len(tokens), 0, 1)
+    try:
+        batch.n_tokens = len(tokens)
+        for i, (t, p) in enumerate(zip(tokens, positions)):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.seq_id[i][0] = int(t), int(p), 1, 0
+            batch.logits[i] = i == len(tokens) - 1
+        assert llama_cpp.llama_decode(llm._ctx.ctx, batch) == 0
+    finally:
+        llama_cpp.llama_batch_free(batch)
+    return _last_logits(llm)
+
+
+def test_a_prompt_past_the_training_context_completes_with_rebased_positions(short_context_models):
+    from kvcompose_gguf.stats import cell_positions
+
+    path = short_context_models[4]
+    llm = _compressing(path, n_ctx=256, n_batch=64, kv_window=8, kv_protect_recent=8)
+    out = llm(LONG_TEXT, max_tokens=8, temperature=0)
+    stats = llm.kv_stats()
+    assert out["usage"]["prompt_tokens"] > 2 * TRAIN_CTX and stats["logical_tokens"] > 2 * TRAIN_CTX
+    assert stats["rebases"] >= 2 and stats["position_offset"] > 0
+    positions = cell_positions(llm, 0)
+    assert 0 <= positions.max() < TRAIN_CTX  # every cell stays inside the trained positions
+    assert positions.max() + stats["position_offset"] == stats["logical_tokens"] - 1
+    # the same continuation keeps going (prefix reuse through the rebased cache)
+    llm(LONG_TEXT + out["choices"][0]["text"] + " more", max_tokens=4, temperature=0)
+    assert cell_positions(llm, 0).max() < TRAIN_CTX
+
+
+@pytest.mark.parametrize("flash_attn", [True, False])
+def test_rebased_cells_attend_like_tokens_decoded_at_the_new_positions(short_context_models, flash_attn):
+    # One layer: a cell's K/V depend on its token and position only, so after a rebase
+    # (cells moved to positions 0..k-1) the next token must see what a fresh context
+    # holding the same tokens at 0..k-1 sees.
+    path = short_context_models[1]
+    kwargs = dict(kv_compress="streaming", n_ctx=256, n_batch=64, kv_window=8, kv_protect_recent=8,
+                  flash_attn=flash_attn)
+    history = _compressing(path, **kwargs).tokenize(LONG_TEXT.encode())[:800]
+    llm, not_rebased = _compressing(path, **kwargs), _compressing(path, **kwargs)
+    for x in (llm, not_rebased):
+        x.eval(history)
+    stats = llm.kv_stats()
+    assert stats["rebases"] >= 2 and stats["position_offset"] > TRAIN_CTX
+    tokens, positions = _cells_by_position(llm)
+    assert np.diff(positions).max() > 1  # the last compression left gaps for the rebase to close
+    llm._kv.positions.rebase()
+    llm.eval([42])
+    tokens, positions = _cells_by_position(llm)
+    np.testing.assert_array_equal(positions, np.arange(len(positions)))
+    assert positions[-1] + llm.kv_stats()["position_offset"] == 800
+
+    reference = _decode_at_positions(_stock(path, n_ctx=256, n_batch=256, flash_attn=flash_attn), tokens, positions)
+    # K was rotated at its first position, stored as f16, then re-rotated by the shifts:
+    # a few f16 roundings apart from rotating once (measured: max |diff| 0.004 with flash
+    # attention, 0.002 without, on logits of magnitude ~1).
+    np.testing.assert_allclose(_last_logits(llm), reference, atol=1e-2, rtol=0)
+    # the rebase mattered: the same cells at their old, gapped positions give other logits
+    not_rebased.eval([42])
+    assert np.abs(_last_logits(not_rebased) - reference).max() > 5e-2  # measured 0.13
+
+
+def test_a_saved_rebased_state_continues_exactly_like_the_original(short_context_models):
+    path = short_context_models[4]
+    llm = _compressing(path, n_ctx=256, n_batch=64, kv_window=8, kv_protect_recent=8)
+    llm.eval(llm.tokenize(LONG_TEXT.encode())[:800])
+    assert llm.kv_stats()["rebases"] >= 2
+    saved = llm.save_state()
+    llm.eval([42, 43])
+    expected = _last_logits(llm)
+    other = _compressing(path, n_ctx=256, n_batch=64, kv_window=8, kv_protect_recent=8)
+    other.load_state(saved)
+    assert other.kv_stats()["position_offset"] == saved.kv_position_offset > 0
+    other.eval([42, 43])
+    np.testing.assert_array_equal(_last_logits(other), expected)
+
+
+# --- chats: the system prompt, streaming, stop strings -------------------------------
+
+SYSTEM = "You are careful. The secret is PELICAN."
+
+
+def _kept_in_every_head(llm, positions) -> bool:
+    table = llm._kv.compactor.table(0).positions  # [n_layer, n_head_kv, n_slots] original positions
+    return all(set(positions) <= set(table[l, h].tolist()) for l in range(table.shape[0]) for h in range(table.shape[1]))
+
+
+@pytest.mark.parametrize("protect", ["system", 0])
+def test_the_system_prompt_survives_every_compression_of_a_chat(tiny_model_path, protect):
+    llm = _compressing(tiny_model_path, n_ctx=256, n_batch=64, chat_format="chatml", kv_protect_prefix=protect,
+                       kv_protect_recent=8, kv_window=8)
+    # Independent of the chat handler: chatml written out by hand.
+    system_span = len(llm.tokenize(f"<|im_start|>system\n{SYSTEM}<|im_end|>\n".encode(), special=True))
+    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": LONG_TEXT}]
+    kept_each_time = []
+    original_apply = llm._kv.compactor.apply
+
+    def apply(selection, **kwargs):
+        result = original_apply(selection, **kwargs)
+        kept_each_time.append(_kept_in_every_head(llm, range(system_span)))
+        return result
+
+    llm._kv.compactor.apply = apply
+    llm.create_chat_completion(messages, max_tokens=4, temperature=0)
+    assert len(kept_each_time) >= 3
+    if protect == "system":
+        assert system_span <= llm.kv_stats()["protected_prefix"] < system_span + 16  # the span plus a template marker
+        assert all(kept_each_time)
+    else:
+        assert llm.kv_stats()["protected_prefix"] == 0
+        assert not all(kept_each_time)  # unprotected, the policy drops some of it: the check can fail
+
+
+def test_a_ram_cache_hit_restores_the_compressed_state_instead_of_rebuilding(tiny_model_path, caplog):
+    follow_up = " And then?"
+    reference = _compressing(tiny_model_path, n_ctx=256, n_batch=64)
+    first = reference(LONG_TEXT, max_tokens=8, temperature=0)["choices"][0]["text"]
+    expected = reference(LONG_TEXT + first + follow_up, max_tokens=8, temperature=0)["choices"][0]["text"]
+
+    llm = _compressing(tiny_model_path, n_ctx=256, n_batch=64)
+    llm.set_cache(llama_cpp.LlamaRAMCache())
+    assert llm(LONG_TEXT, max_tokens=8, temperature=0)["choices"][0]["text"] == first
+    llm("Something else entirely", max_tokens=4, temperature=0)  # the cache now holds the compressed long state
+    with caplog.at_level(logging.INFO, logger="kvcompose_gguf"):
+        out = llm(LONG_TEXT + first + follow_up, max_tokens=8, temperature=0)["choices"][0]["text"]
+    assert "rebuilding" not in caplog.text  # restored from the cache, not re-evaluated
+    assert out == expected
+    assert llm.kv_stats()["cells_used"] <= 256
+
+
+def test_format_kv_stats_is_a_per_layer_table_of_what_the_cache_holds(tiny_model_path):
+    llm = _compressing(tiny_model_path, kv_compress="pyramidkv", n_ctx=256, n_batch=64)
+    llm.eval(llm.tokenize(LONG_TEXT.encode())[:400])
+    text = llm.format_kv_stats()
+    stats = llm.kv_stats()
+    rows = [line.split("|") for line in text.splitlines()[3:]]
+    n_layer = llama_cpp.llama_model_n_layer(llm._model.model)
+    n_head_kv = llama_cpp.llama_model_n_head_kv(llm._model.model)
+    assert [int(r[0]) for r in rows] == list(range(n_layer))
+    assert [int(r[1]) for r in rows] == stats["layer_budgets"]
+    attended = np.array([int(r[2]) for r in rows])
+    assert len(set(stats["layer_budgets"])) > 1  # pyramid: the layers differ, so the columns are not all alike
+    # every evaluated token added one entry per layer and head; compactions dropped the rest
+    assert n_head_kv * attended.sum() == n_layer * n_head_kv * stats["logical_tokens"] - stats["logical_entries_dropped"]
+    assert f"logical tokens {stats['logical_tokens']} " in text and f"compressions {stats['compressions']} " in text
+
+
+ASCII_ONLY = {str(3 + b): -100.0 for b in range(128, 256)}  # byte tokens: llama-cpp-python's stream
+# drops multi-byte characters a random model may produce; keep the comparison to what we change
+
+
+def _chat(llm, messages, **kwargs):
+    """(text, finish_reason) of a chat completion, streamed or not."""
+    out = llm.create_chat_completion(messages, temperature=0, logit_bias=ASCII_ONLY, **kwargs)
+    if not kwargs.get("stream"):
+        return out["choices"][0]["message"]["content"], out["choices"][0]["finish_reason"]
+    chunks = list(out)
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
+    return text, [c["choices"][0]["finish_reason"] for c in chunks if c["choices"][0]["finish_reason"]][-1]
+
+
+def test_streaming_stop_strings_and_turns_after_compressions_match_the_plain_completion(tiny_model_path, caplog):
+    def fresh():
+        return _compressing(tiny_model_path, n_ctx=256, n_batch=64, chat_format="chatml", kv_window=8,
+                            kv_protect_recent=8)
+
+    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": LONG_TEXT}]
+    plain, streamed = fresh(), fresh()
+    text, reason = _chat(plain, messages, max_tokens=24)
+    assert plain.kv_stats()["compressions"] >= 3 and len(text) > 6
+    assert _chat(streamed, messages, max_tokens=24, stream=True) == (text, reason)
+
+    # a stop string inside the text: both stop right before it
+    stop = text[4:6]
+    expected = text[: text.index(stop)]
+    for llm, stream in ((fresh(), False), (fresh(), True)):
+        assert _chat(llm, messages, max_tokens=24, stop=[stop], stream=stream) == (expected, "stop")
+
+    # the next turn extends the compressed history: no rebuild, streamed == plain
+    turn = messages + [{"role": "assistant", "content": text}, {"role": "user", "content": "And the fox?"}]
+    with caplog.at_level(logging.INFO, logger="kvcompose_gguf"):
+        second = _chat(plain, turn, max_tokens=16)
+        assert _chat(streamed, turn, max_tokens=16, stream=True) == second
+    assert "rebuilding" not in caplog.text
+
+
+# --- the default model ------------------------------------------------------------------
+
+
+def _number_in(reply: str) -> str:
+    import re
+
+    numbers = re.findall(r"\d+", reply)
+    return numbers[0] if numbers else ""
+
+
+@pytest.mark.model
+def test_default_model_answers_from_a_prompt_twice_its_context(default_model_path):
+    # Measured (docs/RESULTS-llama.md, 8 seeds): neither kvcompose nor streaming recalls the
+    # whole 7-digit passkey at n_ctx 768 (0/8 each; the full cache: see there), but kvcompose's
+    # reply starts with the passkey's first digit in 8/8 seeds, streaming's in 1/8 (it says
+    # "11" every time). Seed 0 is asserted: kvcompose right, streaming wrong.
+    from kvcompose_gguf.eval import tasks
+
+    kwargs = dict(n_ctx=768, n_batch=256, flash_attn=True, seed=0, n_threads=2)
+    llm = _compressing(default_model_path, **kwargs)
+    sample = tasks.niah(0, 0, 1500, lambda text: len(llm.tokenize(text.encode(), add_bos=False)))
+    messages = [{"role": "system", "content": "You are a helpful assistant. Answer briefly."},
+                {"role": "user", "content": sample.user_message()}]
+    with pytest.raises(ValueError, match="exceed context window"):
+        _stock(default_model_path, **kwargs).create_chat_completion(messages, max_tokens=8)
+    reply = llm.create_chat_completion(messages, max_tokens=24, temperature=0)
+    stats = llm.kv_stats()
+    assert reply["usage"]["prompt_tokens"] > 2 * 768 - 100 and stats["compressions"] >= 2
+    assert stats["cells_used"] <= 768 and stats["protected_prefix"] > 0
+    passkey = sample.answers[0]
+    assert _number_in(reply["choices"][0]["message"]["content"])[:1] == passkey[0]
+
+    streaming = _compressing(default_model_path, kv_compress="streaming", **kwargs)
+    other = streaming.create_chat_completion(messages, max_tokens=24, temperature=0)["choices"][0]["message"]["content"]
+    assert _number_in(other)[:1] != passkey[0]

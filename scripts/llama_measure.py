@@ -1,0 +1,96 @@
+"""Model-level measurements of `kvcompose_gguf.Llama` on the default model (SmolLM2-135M).
+
+    python scripts/llama_measure.py passkey --samples 8
+    python scripts/llama_measure.py chat --samples 6
+
+passkey: a needle (eval.tasks.niah) in a ~1.5k-token prompt at n_ctx 768. Stock
+llama_cpp.Llama refuses the prompt; each policy answers from a compressed cache.
+chat: a multi-turn chat (eval.tasks.chat_recall) about 4x n_ctx long, the model's own
+replies in between; the last question recalls a fact of the first turn.
+Prints one JSON object per policy and sample, then a summary line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+
+import llama_cpp
+
+from kvcompose_gguf import models
+from kvcompose_gguf.eval import tasks
+from kvcompose_gguf.llama import Llama
+
+SYSTEM = "You are a helpful assistant. Answer briefly."
+CHAT_CTX = 512  # the chat is 4x this long, whatever n_ctx the run uses
+
+
+def _llama(policy: str | None, n_ctx: int) -> llama_cpp.Llama:
+    kwargs = dict(model_path=str(models.smollm2_path()), n_ctx=n_ctx, n_batch=256, flash_attn=True, seed=0,
+                  verbose=False, n_threads=2)
+    if policy is None:
+        return llama_cpp.Llama(**kwargs)
+    return Llama(kv_compress=policy, **kwargs)
+
+
+def _reply(llm, messages, max_tokens: int) -> str:
+    out = llm.create_chat_completion(messages, temperature=0, max_tokens=max_tokens)
+    return out["choices"][0]["message"]["content"]
+
+
+def passkey(llm, seed: int, target_tokens: int = 1500) -> dict:
+    count = lambda text: len(llm.tokenize(text.encode(), add_bos=False))  # noqa: E731
+    sample = tasks.niah(seed, 0, target_tokens, count)
+    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": sample.user_message()}]
+    try:
+        reply = _reply(llm, messages, 24)
+    except ValueError as exc:  # stock: the prompt exceeds the context window
+        return {"seed": seed, "refused": str(exc)[:80], "correct": False}
+    return {"seed": seed, "correct": all(a in reply for a in sample.answers), "reply": reply[:80],
+            "answers": sample.answers}
+
+
+def chat(llm, seed: int, n_ctx: int) -> dict:
+    count = lambda text: len(llm.tokenize(text.encode(), add_bos=False))  # noqa: E731
+    scenario = tasks.chat_recall(seed, 0, 4 * CHAT_CTX, count, n_turns=6)
+    messages = [{"role": "system", "content": SYSTEM}]
+    for turn in scenario.turns:
+        messages.append({"role": "user", "content": turn})
+        messages.append({"role": "assistant", "content": _reply(llm, messages, 32)})
+    messages.append({"role": "user", "content": scenario.question})
+    reply = _reply(llm, messages, 24)
+    return {"seed": seed, "correct": all(a in reply for a in scenario.answers), "reply": reply[:80],
+            "answers": scenario.answers, "logical_tokens": llm.n_tokens}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("task", choices=["passkey", "chat"])
+    parser.add_argument("--samples", type=int, default=8)
+    parser.add_argument("--policies", default="stock,kvcompose,streaming")
+    parser.add_argument("--n-ctx", type=int, default=None, help="default 768 (passkey), 512 (chat); "
+                        "a larger one with --policies stock gives the full-cache reference")
+    args = parser.parse_args(argv)
+    n_ctx = args.n_ctx or (768 if args.task == "passkey" else 512)
+    summary = {}
+    start = time.time()
+    for name in args.policies.split(","):
+        policy = None if name == "stock" else name
+        correct = 0
+        for seed in range(args.samples):
+            llm = _llama(policy, n_ctx)
+            row = passkey(llm, seed) if args.task == "passkey" else chat(llm, seed, n_ctx)
+            llm.close()
+            correct += row["correct"]
+            print(json.dumps({"task": args.task, "policy": name, **row}, default=str), flush=True)
+        summary[name] = f"{correct}/{args.samples}"
+    print(json.dumps({"summary": summary, "task": args.task, "n_ctx": n_ctx, "seconds": round(time.time() - start),
+                      "machine": platform.platform(), "python": sys.version.split()[0]}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -570,14 +570,21 @@ class Llama(llama_cpp.Llama):
         self._kv.positions.offset = getattr(state, "kv_position_offset", 0)
 
     def kv_stats(self) -> dict[str, Any]:
-        """Logical tokens, cells, compressions and their memory effects (three kinds, kept apart)."""
+        """Logical tokens, cells, compressions and their memory effects, kept apart:
+
+        kv_bytes_free: K/V bytes of the cells free for new tokens now;
+        physical_bytes_freed: bytes of the cells all compressions so far released (cumulative);
+        logical_entries_dropped: (layer, KV head, token) rows compressions dropped (cumulative).
+        """
         cells = self._kv.cells_used() if self._kv else self.n_tokens
         records = self._kv.records if self._kv else []
         last = records[-1] if records else None
+        cell_bytes = self._kv.compactor.cell_bytes() if self._kv else None
         return {
             "logical_tokens": int(self.n_tokens),
             "cells_used": int(cells),
             "n_ctx": int(self.n_ctx()),
+            "kv_bytes_free": (self.n_ctx() - cells) * cell_bytes if cell_bytes is not None else None,
             "compressions": len(records),
             "rebases": self._kv.positions.rebases if self._kv else 0,
             "position_offset": self._kv.positions.offset if self._kv else 0,
@@ -595,8 +602,8 @@ class Llama(llama_cpp.Llama):
             f"logical tokens {stats['logical_tokens']} | cells used {stats['cells_used']} of n_ctx {stats['n_ctx']} | "
             f"compressions {stats['compressions']} | rebases {stats['rebases']} | "
             f"protected prefix {stats['protected_prefix']}",
-            f"KV bytes free for new tokens {stats['physical_bytes_freed']} | logical entries dropped "
-            f"{stats['logical_entries_dropped']}",
+            f"KV bytes free for new tokens {stats['kv_bytes_free']} | released by compressions so far "
+            f"{stats['physical_bytes_freed']} | logical entries dropped {stats['logical_entries_dropped']}",
         ]
         if self._kv is None:
             return "\n".join(lines)

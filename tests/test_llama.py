@@ -70,6 +70,7 @@ def test_prompt_longer_than_n_ctx_is_compressed_instead_of_refused(tiny_model_pa
     # The freed bytes are whole cells of every layer's K and V rows.
     cell_bytes = cli.kv_bytes_allocated(llm) // llm.n_ctx()
     assert stats["physical_bytes_freed"] % cell_bytes == 0 and stats["physical_bytes_freed"] > 0
+    assert stats["kv_bytes_free"] == (stats["n_ctx"] - stats["cells_used"]) * cell_bytes
     n_layer = llama_cpp.llama_model_n_layer(llm._model.model)
     n_head_kv = llama_cpp.llama_model_n_head_kv(llm._model.model)
     assert len(stats["layer_budgets"]) == n_layer

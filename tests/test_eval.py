@@ -218,9 +218,9 @@ def test_negative_log_likelihood_picks_the_next_token():
 
 
 def test_planned_and_unknown_methods_are_clear_errors():
-    with pytest.raises(methods.MethodUnavailableError, match="kvcompose.*not available.*Available: full"):
-        methods.get_method("kvcompose")
-    with pytest.raises(methods.UnknownMethodError, match="unknown method 'bogus'; available: full"):
+    with pytest.raises(methods.MethodUnavailableError, match="kvpress.*not available.*Available: full, kvcompose"):
+        methods.get_method("kvpress")
+    with pytest.raises(methods.UnknownMethodError, match="unknown method 'bogus'; available: full, kvcompose"):
         methods.get_method("bogus")
 
 
@@ -251,9 +251,9 @@ def test_bad_configs_fail_before_running(config, message):
 
 
 def test_cli_reports_unavailable_methods_in_one_line(capsys):
-    assert cli.main(["eval", "--methods", "kvcompose", "--no-plots"]) == 2
+    assert cli.main(["eval", "--methods", "kvpress", "--no-plots"]) == 2
     err = capsys.readouterr().err
-    assert "method 'kvcompose' is not available" in err
+    assert "method 'kvpress' is not available" in err
     assert "Traceback" not in err
 
 
@@ -350,6 +350,23 @@ def test_qa_run_on_the_tiny_model_records_every_sample(tiny_model_path):
         assert r["layer_slots"] == [r["cells_used"]] * 4
     assert {(s["task"], s["n"]) for s in results["summary"]} == {("niah_single", 2), ("qa_facts", 2)}
     json.dumps(results)
+
+
+def test_compressing_method_holds_its_budget_of_the_full_cells(tiny_model_path):
+    config = runner.EvalConfig(model=str(tiny_model_path), methods=("full", "kvcompose"), tasks=("niah_single",),
+                               lengths=(512,), samples=2, ratios=(0.5,))
+    records = runner.run_eval(config, progress=False, command="test")["records"]
+    full = [r for r in records if r["method"] == "full"]
+    ours = [r for r in records if r["method"] == "kvcompose"]
+    assert len(full) == len(ours) == 2
+    for f, r in zip(full, ours):
+        assert r["prompt_tokens"] == f["prompt_tokens"] > r["n_ctx"]  # the prompt did not fit: it was compressed
+        assert r["n_ctx"] <= f["n_ctx"] * 0.5 + 64
+        assert r["cells_used"] <= r["n_ctx"]
+        assert r["physical_bytes"] * f["cells_used"] == f["physical_bytes"] * r["cells_used"]  # same bytes per cell
+        # logical entries: every layer attends to at most the cells in use, 2 KV heads each
+        assert max(r["layer_slots"]) <= r["cells_used"] and r["logical_entries"] == 2 * sum(r["layer_slots"])
+        assert r["score"] == scoring.recall(r["reply"], r["answers"])
 
 
 @pytest.mark.model

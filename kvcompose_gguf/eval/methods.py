@@ -1,10 +1,10 @@
 """Methods under evaluation: a name plus a factory for a llama_cpp.Llama-compatible object.
 
 "full" is stock llama.cpp with a cache large enough for everything: the ceiling
-every compressing method is measured against. Compressing methods register
-here through an adapter over `kvcompose_gguf.Llama`; until one is written,
-asking for one raises `MethodUnavailableError` rather than running something
-else under its name.
+every compressing method is measured against. The compressing methods run
+`kvcompose_gguf.Llama` with one policy each, in a context of kv_budget times the
+cells the full cache needs (the runner sizes it): the prompt is compressed while
+it is prefilled, the way a chat is, and every method holds the same cells.
 """
 
 from __future__ import annotations
@@ -92,14 +92,62 @@ FULL = Method(
     compresses=False,
 )
 
+def _compressing_factory(policy: str) -> Callable[..., Any]:
+    def create(model_path, *, n_ctx, kv_budget=None, observe="window", logits_all=False, seed=0, n_threads=None):
+        from kvcompose_gguf.llama import Llama
+
+        return Llama(
+            model_path=str(model_path),
+            n_ctx=n_ctx,
+            seed=seed,
+            n_threads=n_threads,
+            flash_attn=True,
+            verbose=False,
+            kv_compress=policy,
+            kv_observe=observe or "window",
+        )
+
+    return create
+
+
+def compressed_kv_usage(llm) -> KvUsage:
+    """A compressed cache: cells in use, and per layer the cells it still attends to."""
+    import llama_cpp
+
+    stats = llm.kv_stats()
+    owned = llm._kv.compactor.cells_owned(0)
+    n_head_kv = llama_cpp.llama_model_n_head_kv(llm._model.model)
+    return KvUsage(
+        cells_used=stats["cells_used"],
+        physical_bytes=stats["cells_used"] * llm._kv.compactor.cell_bytes(),
+        logical_entries=n_head_kv * int(owned.sum()),
+        layer_slots=tuple(int(x) for x in owned),
+    )
+
+
+_COMPRESSING = {
+    "kvcompose": "KVCompose: head-specific composite tokens, global per-layer budgets",
+    "kvcompose-uniform": "KVCompose's composite tokens with the same count in every layer",
+    "snapkv": "SnapKV: window-mean attention with pooling, per-layer equal budgets",
+    "pyramidkv": "PyramidKV: SnapKV scores with budgets decreasing over layers",
+    "tova": "TOVA: the last query's attention",
+    "streaming": "StreamingLLM: sink + recent tokens (what llama.cpp's context shift amounts to)",
+}
+
 _REGISTRY: dict[str, Method] = {FULL.name: FULL}
+for _name, _description in _COMPRESSING.items():
+    _REGISTRY[_name] = Method(
+        name=_name,
+        description=_description,
+        create=_compressing_factory(_name),
+        kv_usage=compressed_kv_usage,
+        compresses=True,
+        observation_modes=("window", "repeat"),
+    )
 
 # Methods the project plans, with what they wait for.
 _PLANNED = {
-    "kvcompose": (
-        "an eval adapter over kvcompose_gguf.Llama (compress the prompt to kv_budget before the answer, "
-        "report KvUsage from its cells), which is not written yet"
-    ),
+    "kvpress": "the kvpress reference mode (transformers on the same GGUF weights), not written yet",
 }
 
 

@@ -209,6 +209,9 @@ def _run_qa(ctx: _Context, setting: Setting, task: str, length: int) -> None:
     max_tokens = MAX_REPLY_TOKENS.get(task, DEFAULT_REPLY_TOKENS)
     longest = max(ctx.count_tokens(s.user_message()) for s in samples)
     n_ctx = _round_up(longest + ctx.count_tokens(config.system) + max_tokens + 64)
+    if _methods.get_method(setting.method).compresses:
+        # kv_budget of the cells the full cache needs: every method holds the same memory.
+        n_ctx = max(256, _round_up(int(n_ctx * setting.kv_budget), 64))
     llm = ctx.create(setting, n_ctx)
     try:
         for sample in samples:

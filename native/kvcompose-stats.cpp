@@ -522,10 +522,8 @@ int32_t llama_kvcompose_stats_get_all(llama_context * ctx, float * out, size_t n
     return LLAMA_KVCOMPOSE_OK;
 }
 
-int32_t llama_kvcompose_stats_n_cells(llama_context * ctx, llama_seq_id seq_id, int32_t * n_cells) {
-    if (ctx == nullptr || n_cells == nullptr) {
-        return LLAMA_KVCOMPOSE_ERR_ARGUMENT;
-    }
+// The cells of seq_id's stream, after validating the context and the sequence id.
+static int32_t seq_stream_cells(llama_context * ctx, llama_seq_id seq_id, const llama_kv_cells ** cells) {
     const llama_kv_cache * kv = stats_cache(ctx);
     if (kv == nullptr) {
         return LLAMA_KVCOMPOSE_ERR_UNSUPPORTED;
@@ -533,7 +531,20 @@ int32_t llama_kvcompose_stats_n_cells(llama_context * ctx, llama_seq_id seq_id, 
     if (seq_id < 0 || (uint32_t) seq_id >= kv->get_n_seq_max()) {
         return LLAMA_KVCOMPOSE_ERR_SEQUENCE;
     }
-    *n_cells = (int32_t) kv->get_cells(seq_id).size();
+    *cells = &kv->get_cells(seq_id);
+    return LLAMA_KVCOMPOSE_OK;
+}
+
+int32_t llama_kvcompose_stats_n_cells(llama_context * ctx, llama_seq_id seq_id, int32_t * n_cells) {
+    if (ctx == nullptr || n_cells == nullptr) {
+        return LLAMA_KVCOMPOSE_ERR_ARGUMENT;
+    }
+    const llama_kv_cells * cells = nullptr;
+    const int32_t rc = seq_stream_cells(ctx, seq_id, &cells);
+    if (rc != LLAMA_KVCOMPOSE_OK) {
+        return rc;
+    }
+    *n_cells = (int32_t) cells->size();
     return LLAMA_KVCOMPOSE_OK;
 }
 
@@ -541,14 +552,12 @@ int32_t llama_kvcompose_stats_cell_positions(llama_context * ctx, llama_seq_id s
     if (ctx == nullptr || out == nullptr) {
         return LLAMA_KVCOMPOSE_ERR_ARGUMENT;
     }
-    const llama_kv_cache * kv = stats_cache(ctx);
-    if (kv == nullptr) {
-        return LLAMA_KVCOMPOSE_ERR_UNSUPPORTED;
+    const llama_kv_cells * found = nullptr;
+    const int32_t rc = seq_stream_cells(ctx, seq_id, &found);
+    if (rc != LLAMA_KVCOMPOSE_OK) {
+        return rc;
     }
-    if (seq_id < 0 || (uint32_t) seq_id >= kv->get_n_seq_max()) {
-        return LLAMA_KVCOMPOSE_ERR_SEQUENCE;
-    }
-    const llama_kv_cells & cells = kv->get_cells(seq_id);
+    const llama_kv_cells & cells = *found;
     if (n_cells < 0 || (uint32_t) n_cells != cells.size()) {
         return LLAMA_KVCOMPOSE_ERR_RANGE;
     }

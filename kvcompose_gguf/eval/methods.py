@@ -52,17 +52,28 @@ class Method:
     observation_modes: tuple[str, ...] = ()
 
 
-def _create_full(model_path, *, n_ctx, kv_budget=None, observe=None, logits_all=False, seed=0, n_threads=None):
-    import llama_cpp
+def _factory(policy: str | None) -> Callable[..., Any]:
+    """Creates `kvcompose_gguf.Llama` with `policy` (None: stock behaviour, the full cache).
 
-    return llama_cpp.Llama(
-        model_path=str(model_path),
-        n_ctx=n_ctx,
-        logits_all=logits_all,
-        seed=seed,
-        n_threads=n_threads,
-        verbose=False,
-    )
+    Every method gets the same llama.cpp settings (llama-cpp-python's defaults, flash
+    attention off included), so rows differ only by the compression.
+    """
+
+    def create(model_path, *, n_ctx, kv_budget=None, observe=None, logits_all=False, seed=0, n_threads=None):
+        from kvcompose_gguf.llama import Llama
+
+        compression = {} if policy is None else {"kv_compress": policy, "kv_observe": observe or "window"}
+        return Llama(
+            model_path=str(model_path),
+            n_ctx=n_ctx,
+            logits_all=logits_all,
+            seed=seed,
+            n_threads=n_threads,
+            verbose=False,
+            **compression,
+        )
+
+    return create
 
 
 def stock_kv_usage(llm) -> KvUsage:
@@ -87,28 +98,10 @@ def stock_kv_usage(llm) -> KvUsage:
 FULL = Method(
     name="full",
     description="stock llama.cpp, no compression, n_ctx large enough for the whole input (the ceiling)",
-    create=_create_full,
+    create=_factory(None),
     kv_usage=stock_kv_usage,
     compresses=False,
 )
-
-def _compressing_factory(policy: str) -> Callable[..., Any]:
-    def create(model_path, *, n_ctx, kv_budget=None, observe="window", logits_all=False, seed=0, n_threads=None):
-        from kvcompose_gguf.llama import Llama
-
-        return Llama(
-            model_path=str(model_path),
-            n_ctx=n_ctx,
-            seed=seed,
-            n_threads=n_threads,
-            flash_attn=True,
-            verbose=False,
-            kv_compress=policy,
-            kv_observe=observe or "window",
-        )
-
-    return create
-
 
 def compressed_kv_usage(llm) -> KvUsage:
     """A compressed cache: cells in use, and per layer the cells it still attends to."""
@@ -139,7 +132,7 @@ for _name, _description in _COMPRESSING.items():
     _REGISTRY[_name] = Method(
         name=_name,
         description=_description,
-        create=_compressing_factory(_name),
+        create=_factory(_name),
         kv_usage=compressed_kv_usage,
         compresses=True,
         observation_modes=("window", "repeat"),

@@ -68,6 +68,31 @@ class SlotTable:
 
 
 @dataclass(frozen=True)
+class SWACache:
+    """The sliding-window cache of an iSWA model (Gemma-2/3, ...), which compaction leaves alone.
+
+    llama.cpp keeps the sliding-window layers' K/V in a cache of their own and reuses its
+    cells once they fall out of the window; only the global-attention layers' cache (the
+    base cache) is compacted.
+    layers: int [n]: the model layers whose K/V live here.
+    n_cells: its cells (n_ctx with llama.cpp's default swa_full=True).
+    n_seq_cells: the cells the sequence holds in it now.
+    cell_bytes: K and V bytes of one of its cells over its layers.
+    window: the attention window of those layers, in tokens.
+    """
+
+    layers: np.ndarray
+    n_cells: int
+    n_seq_cells: int
+    cell_bytes: int
+    window: int
+
+    @property
+    def bytes(self) -> int:
+        return self.n_cells * self.cell_bytes
+
+
+@dataclass(frozen=True)
 class SeqCells:
     cells: np.ndarray  # int32 [n]: cells of the sequence, ascending
     positions: np.ndarray  # int32 [n]: their llama.cpp positions
@@ -89,6 +114,34 @@ class Compactor:
         self.n_layer = int(llama_cpp.llama_model_n_layer(model))
         self.n_head_kv = int(llama_cpp.llama_model_n_head_kv(model))
         self._tables: dict[int, SlotTable] = {}
+        self._layers: np.ndarray | None = None
+
+    @property
+    def layers(self) -> np.ndarray:
+        """bool [n_layer]: the layers whose K/V the compactor moves. Every layer of a plain
+        cache; for an iSWA model only the global-attention layers (the base cache): its
+        sliding-window layers keep their own cache (`swa_cache`), never compacted."""
+        if self._layers is None:
+            out = np.zeros(self.n_layer, dtype=np.uint8)
+            status = self._lib.llama_kvcompose_compact_layers(
+                self._ctx, out.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)), self.n_layer
+            )
+            native.check("llama_kvcompose_compact_layers", status)
+            self._layers = out.astype(bool)
+        return self._layers
+
+    def swa_cache(self, seq_id: int = 0) -> SWACache | None:
+        """The sliding-window cache compaction leaves alone, or None when the model has none."""
+        n_cells, n_seq, window = ctypes.c_int32(0), ctypes.c_int32(0), ctypes.c_int32(0)
+        cell_bytes = ctypes.c_uint64(0)
+        status = self._lib.llama_kvcompose_swa_cache_info(
+            self._ctx, seq_id, ctypes.byref(n_cells), ctypes.byref(n_seq), ctypes.byref(cell_bytes), ctypes.byref(window)
+        )
+        native.check("llama_kvcompose_swa_cache_info", status, f"seq_id={seq_id}")
+        if n_cells.value == 0:
+            return None
+        return SWACache(np.flatnonzero(~self.layers), int(n_cells.value), int(n_seq.value), int(cell_bytes.value),
+                        int(window.value))
 
     # --- queries -----------------------------------------------------------------
 
@@ -104,13 +157,14 @@ class Compactor:
         return SeqCells(cells, positions, int(kv_used.value), int(used.value))
 
     def cell_bytes(self) -> int:
+        """K and V bytes of one cell over the compacted layers (`layers`)."""
         out = ctypes.c_uint64(0)
         native.check("llama_kvcompose_cell_bytes", self._lib.llama_kvcompose_cell_bytes(self._ctx, ctypes.byref(out)))
         return int(out.value)
 
     def layer_counts(self, seq_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
-        """(counts int32 [n_layer] or -1 where a layer sees every cell, slot of each of the
-        sequence's cells in ascending cell order or -1)."""
+        """(counts int32 [n_layer] or -1 where a layer sees every cell (0 for a layer outside
+        `layers`), slot of each of the sequence's cells in ascending cell order or -1)."""
         n_cells = len(self.seq_cells(seq_id).cells)
         counts = np.empty(self.n_layer, dtype=np.int32)
         slot_of_cell = np.empty(n_cells, dtype=np.int32)
@@ -124,13 +178,15 @@ class Compactor:
         """int [n_layer]: the sequence's cells each layer attends to.
 
         After a per-layer compaction, layer l owns slots 0..counts[l]-1 and every cell
-        filled since (those are not slots and every layer sees them).
+        filled since (those are not slots and every layer sees them). 0 for a layer outside
+        `layers` (an iSWA sliding-window layer attends to its own cache instead).
         """
         counts, slot_of_cell = self.layer_counts(seq_id)
         slots = slot_of_cell[slot_of_cell >= 0]
         plain = len(slot_of_cell) - len(slots)
         owned_slots = (slots[None, :] < counts[:, None]).sum(axis=1)
-        return np.where(counts >= 0, plain + owned_slots, len(slot_of_cell))
+        owned = np.where(counts >= 0, plain + owned_slots, len(slot_of_cell))
+        return np.where(self.layers, owned, 0)
 
     def set_layer_counts(self, seq_id: int, counts: np.ndarray, slot_of_cell: np.ndarray) -> None:
         counts = np.ascontiguousarray(counts, dtype=np.int32)
@@ -178,6 +234,9 @@ class Compactor:
         """Compact seq_id as `selection` says (a policies.base.Selection or any object with
         counts, cells, slot_positions, kept_positions and simulated).
 
+        The selection covers every model layer, or only the compacted ones (`layers`, in
+        order; an iSWA model's global layers): the others then get 0 slots.
+
         cell_tokens: optional int32 [n_ctx] token id held by each cell, for the slot table.
         Raises ValueError for a malformed selection and NativeError when llama.cpp refuses
         it; in both cases the cache is unchanged.
@@ -222,9 +281,27 @@ class Compactor:
         cells = np.ascontiguousarray(selection.cells, dtype=np.int32)
         slot_positions = np.ascontiguousarray(selection.slot_positions, dtype=np.int32)
         kept = np.ascontiguousarray(selection.kept_positions, dtype=np.int32)
+        layers = self.layers
+        if cells.ndim == 3 and cells.shape[0] == layers.sum() < self.n_layer:
+            counts, cells, kept = _on_model_layers(layers, counts, cells, kept)
         if cells.ndim != 3 or cells.shape[:2] != (self.n_layer, self.n_head_kv):
             raise ValueError(f"cells must be [n_layer={self.n_layer}, n_head_kv={self.n_head_kv}, n_slots], got {cells.shape}")
         n_slots = cells.shape[2]
         if counts.shape != (self.n_layer,) or slot_positions.shape != (n_slots,) or kept.shape != cells.shape:
             raise ValueError("counts must be [n_layer], slot_positions [n_slots] and kept_positions like cells")
+        if (counts[~layers] != 0).any() or (cells[~layers] != -1).any():
+            raise ValueError(
+                f"layers {np.flatnonzero(~layers).tolist()} keep their K/V in the sliding-window cache, which is not "
+                "compacted: give them 0 slots, or pass a selection over the compacted layers only"
+            )
         return counts, cells, slot_positions, kept
+
+
+def _on_model_layers(layers: np.ndarray, counts: np.ndarray, cells: np.ndarray, kept: np.ndarray):
+    """A selection over the compacted layers spread over all model layers (0 slots elsewhere)."""
+    n_layer = len(layers)
+    full_counts = np.zeros(n_layer, dtype=np.int32)
+    full_cells = np.full((n_layer, *cells.shape[1:]), -1, dtype=np.int32)
+    full_kept = np.full((n_layer, *kept.shape[1:]), -1, dtype=np.int32)
+    full_counts[layers], full_cells[layers], full_kept[layers] = counts, cells, kept
+    return full_counts, full_cells, full_kept

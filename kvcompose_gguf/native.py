@@ -157,6 +157,10 @@ def _bind_compaction(lib: ctypes.CDLL) -> None:
     _bind(lib, "llama_kvcompose_seq_set_layer_counts", [ctx, i32, i32, p_i32, i32, p_i32], i32)
     # llama_kvcompose_cell_bytes(ctx, bytes)
     _bind(lib, "llama_kvcompose_cell_bytes", [ctx, ctypes.POINTER(ctypes.c_uint64)], i32)
+    # llama_kvcompose_compact_layers(ctx, out[n_layer], n_layer)
+    _bind(lib, "llama_kvcompose_compact_layers", [ctx, ctypes.POINTER(ctypes.c_uint8), i32], i32)
+    # llama_kvcompose_swa_cache_info(ctx, seq_id, n_cells, n_seq_cells, cell_bytes, n_window)
+    _bind(lib, "llama_kvcompose_swa_cache_info", [ctx, i32, p_i32, p_i32, ctypes.POINTER(ctypes.c_uint64), p_i32], i32)
 
 
 def status_str(status: int) -> str:

@@ -53,7 +53,8 @@ def save_seq(compactor: Compactor, seq_id: int = 0) -> bytes:
         "n_head_kv": compactor.n_head_kv,
         "blob_bytes": size,
         "n_cells": len(seq.cells),
-        "layer_counts": counts.tolist() if (counts >= 0).any() else None,
+        # -1: every layer sees every cell; 0: a layer outside the compacted cache (iSWA)
+        "layer_counts": counts.tolist() if (counts > 0).any() else None,
         "slot_of_cell": slot_of_cell.tolist(),
         "table": None,
     }

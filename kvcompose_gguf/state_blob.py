@@ -13,6 +13,10 @@ src/llama-kv-cache.cpp state_write / state_write_meta / state_write_data):
         V, transposed:     per layer i32 v_type, u32 el_size, u32 n_embd_v_gqa,
                            n_embd_v_gqa channels of cell_count elements
 
+An iSWA memory (sliding-window models such as Gemma-3) writes two caches after the seq_id,
+each as above from u32 n_stream on: the base (global-attention layers) cache, then the
+sliding-window cache (its cells outside the window are left out).
+
 The rows are kept as raw bytes (uint8 arrays), so a parse followed by `to_bytes` gives the
 same blob byte for byte, whatever the cache type. The compaction tests use it as the
 independent reference for where every row must end up.
@@ -67,15 +71,18 @@ class StreamState:
 class SeqState:
     seq_id: int
     streams: list[StreamState | None] = field(default_factory=list)  # None: the stream holds no cell
+    # an iSWA memory's sliding-window cache, written after the base cache (`streams`); None: plain cache
+    swa_streams: list[StreamState | None] | None = None
 
     def to_bytes(self) -> bytes:
         out = bytearray(struct.pack("<Ii", SEQ_STATE_MAGIC, self.seq_id))
-        out += struct.pack("<I", len(self.streams))
-        for stream in self.streams:
-            if stream is None:
-                out += struct.pack("<I", 0)
-                continue
-            _write_stream(out, stream)
+        for streams in [self.streams] + ([] if self.swa_streams is None else [self.swa_streams]):
+            out += struct.pack("<I", len(streams))
+            for stream in streams:
+                if stream is None:
+                    out += struct.pack("<I", 0)
+                    continue
+                _write_stream(out, stream)
         return bytes(out)
 
     def only_stream(self) -> StreamState:
@@ -104,20 +111,29 @@ class _Reader:
         return out
 
 
-def parse_seq_state(data: bytes, has_cell_ext: bool = False) -> SeqState:
-    """Parse a blob from llama_state_seq_get_data of a plain (non-SWA, non-recurrent) cache."""
+def parse_seq_state(data: bytes, has_cell_ext: bool = False, iswa: bool = False) -> SeqState:
+    """Parse a blob from llama_state_seq_get_data of a plain KV cache (not recurrent), or with
+    iswa=True of an iSWA memory (base cache in `streams`, sliding-window cache in `swa_streams`)."""
     r = _Reader(data)
     magic, seq_id = r.unpack("<Ii")
     if magic != SEQ_STATE_MAGIC:
         raise ValueError(f"not a sequence state blob (magic {magic:#x})")
-    (n_stream,) = r.unpack("<I")
     state = SeqState(seq_id=seq_id)
-    for _ in range(n_stream):
-        (cell_count,) = r.unpack("<I")
-        state.streams.append(_read_stream(r, cell_count, has_cell_ext) if cell_count else None)
+    state.streams = _read_streams(r, has_cell_ext)
+    if iswa:
+        state.swa_streams = _read_streams(r, has_cell_ext)
     if r.offset != len(r.data):
         raise ValueError(f"{len(r.data) - r.offset} trailing bytes after the state blob")
     return state
+
+
+def _read_streams(r: _Reader, has_cell_ext: bool) -> list[StreamState | None]:
+    (n_stream,) = r.unpack("<I")
+    streams: list[StreamState | None] = []
+    for _ in range(n_stream):
+        (cell_count,) = r.unpack("<I")
+        streams.append(_read_stream(r, cell_count, has_cell_ext) if cell_count else None)
+    return streams
 
 
 def _read_stream(r: _Reader, cell_count: int, has_cell_ext: bool) -> StreamState:

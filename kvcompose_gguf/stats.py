@@ -205,6 +205,24 @@ class AttentionObserver:
         return _make_observation(scores, positions, value_norms)
 
 
+def layers_only(observation, layers: np.ndarray):
+    """The observation of the layers in `layers` (bool [n_layer]) only, e.g. `Compactor.layers`.
+
+    An iSWA model's sliding-window layers have no statistics (their cells are in another
+    cache) and are never compacted; a policy that saw them would spend budget on them.
+    Unchanged when every layer is in `layers`.
+    """
+    layers = np.asarray(layers, dtype=bool)
+    if layers.all():
+        return observation
+    norms = observation.value_norms
+    return _make_observation(
+        np.ascontiguousarray(observation.scores[layers]),
+        np.ascontiguousarray(observation.positions[layers]),
+        None if norms is None else np.ascontiguousarray(np.asarray(norms)[layers]),
+    )
+
+
 def _make_observation(scores: np.ndarray, positions: np.ndarray, value_norms: np.ndarray | None):
     try:
         from .policies.base import Observation

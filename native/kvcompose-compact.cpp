@@ -12,6 +12,7 @@
 #include "llama-context.h"
 #include "llama-impl.h"
 #include "llama-kv-cache.h"
+#include "llama-kv-cache-iswa.h"
 #include "llama-model.h"
 
 #include "ggml.h"
@@ -54,41 +55,73 @@ using access = llama_kvcompose_access;
 
 namespace {
 
-// the plain KV cache behind a context, or nullptr when the memory is something else
-// (recurrent, hybrid, iSWA) or the cache shares its cells with another one
-llama_kv_cache * plain_kv_cache(llama_context * ctx) {
+// The cache compaction works on: a plain KV cache, or the base (full-attention) cache of an
+// iSWA memory. An iSWA model's sliding-window layers keep their K/V in a second cache that
+// llama.cpp already bounds to the window; compaction never touches it. nullptr when the memory
+// is something else (recurrent, hybrid, ...) or the cache shares its cells with another one.
+llama_kv_cache * compact_cache(llama_context * ctx) {
     if (ctx == nullptr) {
         return nullptr;
     }
-    auto * kv = dynamic_cast<llama_kv_cache *>(ctx->get_memory());
+    llama_memory_i * mem = ctx->get_memory();
+    auto * kv = dynamic_cast<llama_kv_cache *>(mem);
+    if (auto * iswa = dynamic_cast<llama_kv_cache_iswa *>(mem)) {
+        kv = iswa->get_base();
+    }
     if (kv == nullptr || access::has_other(*kv) || access::swa_type(*kv) != LLAMA_SWA_TYPE_NONE || kv->has_cell_ext()) {
         return nullptr;
     }
     return kv;
 }
 
+// the sliding-window cache of an iSWA memory, nullptr for any other memory
+const llama_kv_cache * swa_cache(llama_context * ctx) {
+    auto * iswa = ctx == nullptr ? nullptr : dynamic_cast<const llama_kv_cache_iswa *>(ctx->get_memory());
+    return iswa == nullptr ? nullptr : iswa->get_swa();
+}
+
+// K and V bytes one cell takes over all the layers of this cache
+uint64_t cache_cell_bytes(const llama_kv_cache & kv) {
+    uint64_t total = 0;
+    for (const auto & layer : access::layers(kv)) {
+        total += layer.k ? layer.k->nb[1] : 0;
+        total += layer.v ? ggml_row_size(layer.v->type, layer.v->ne[0]) : 0;
+    }
+    return total;
+}
+
+// whether model layer il has its K/V in this cache
+bool holds_layer(const llama_kv_cache & kv, int32_t il) {
+    return access::layer_index(kv, il) >= 0;
+}
+
 bool seq_id_valid(const llama_kv_cache & kv, llama_seq_id seq_id) {
     return seq_id >= 0 && (uint32_t) seq_id < access::n_seq_max(kv);
 }
 
-// every model layer must have K and V in this cache, with the same KV head count and whole
+// every model layer must have K and V in this cache (or, for an iSWA memory, in its
+// sliding-window cache, which is left alone), with the same KV head count and whole
 // quantisation blocks per head (so a head's slice of a row can move on its own)
-int32_t check_layers(const llama_kv_cache & kv, const llama_model & model, int32_t n_layer, int32_t n_head_kv) {
+int32_t check_layers(const llama_kv_cache & kv, const llama_kv_cache * swa, const llama_model & model,
+        int32_t n_layer, int32_t n_head_kv) {
     const auto & hp = access::hparams(kv);
     if (n_layer != llama_model_n_layer(&model)) {
         return LLAMA_KVCOMPOSE_ERR_ARGUMENT;
     }
     for (int32_t il = 0; il < n_layer; ++il) {
+        if ((int32_t) hp.n_head_kv(il) != n_head_kv) {
+            return LLAMA_KVCOMPOSE_ERR_ARGUMENT;
+        }
         const int32_t ikv = access::layer_index(kv, il);
         if (ikv < 0) {
+            if (swa != nullptr && holds_layer(*swa, il)) {
+                continue;
+            }
             return LLAMA_KVCOMPOSE_ERR_UNSUPPORTED;
         }
         const auto & layer = access::layers(kv)[ikv];
         if (layer.k == nullptr || layer.v == nullptr) {
             return LLAMA_KVCOMPOSE_ERR_UNSUPPORTED;
-        }
-        if ((int32_t) hp.n_head_kv(il) != n_head_kv) {
-            return LLAMA_KVCOMPOSE_ERR_ARGUMENT;
         }
         if (hp.n_embd_head_k(il) % ggml_blck_size(layer.k->type) != 0 ||
             hp.n_embd_head_v(il) % ggml_blck_size(layer.v->type) != 0) {
@@ -111,7 +144,7 @@ struct compaction_plan {
     int32_t n_layer   = 0;
     int32_t n_head_kv = 0;
     int32_t n_slots   = 0;
-    const int32_t * counts = nullptr;
+    const int32_t * counts = nullptr; // [n_layer], 0 for a layer whose K/V live in another cache
     const int32_t * cells  = nullptr; // [n_layer][n_head_kv][n_slots]
     std::vector<uint32_t> seq_cells;  // the sequence's cells before the call, ascending
     std::vector<uint32_t> dst_cells;  // [n_slots] cell receiving slot j, ascending
@@ -133,7 +166,10 @@ int32_t validate(const llama_kv_cache & kv, llama_seq_id seq_id, const llama_pos
     }
     int32_t max_count = 0;
     for (int32_t il = 0; il < plan.n_layer; ++il) {
-        if (plan.counts[il] < 1 || plan.counts[il] > plan.n_slots) {
+        // a sliding-window layer of an iSWA memory has no row here: 0 slots, every cell -1
+        const int32_t lo = holds_layer(kv, il) ? 1 : 0;
+        const int32_t hi = holds_layer(kv, il) ? plan.n_slots : 0;
+        if (plan.counts[il] < lo || plan.counts[il] > hi) {
             return LLAMA_KVCOMPOSE_ERR_RANGE;
         }
         max_count = std::max(max_count, plan.counts[il]);
@@ -203,86 +239,346 @@ int32_t validate(const llama_kv_cache & kv, llama_seq_id seq_id, const llama_pos
 // bit-exact for every cache type (no dequantise/requantise round trip) and no wider
 // temporary than the rows themselves. ggml has no reinterpreting view, so the alias is a
 // tensor of its own over the same buffer, already allocated like the cache itself.
-ggml_tensor * view_as_words(ggml_context * ctx, ggml_tensor * cache) {
-    GGML_ASSERT(cache->nb[1] % sizeof(float) == 0 && cache->data != nullptr);
-    ggml_tensor * t = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, cache->nb[1]/sizeof(float), cache->ne[1]);
+void place_over(ggml_tensor * t, ggml_tensor * cache, size_t offs) {
+    GGML_ASSERT(cache->data != nullptr && offs + ggml_nbytes(t) <= ggml_nbytes(cache));
     t->view_src  = cache->view_src ? cache->view_src : cache;
-    t->view_offs = cache->view_src ? cache->view_offs : 0;
+    t->view_offs = (cache->view_src ? cache->view_offs : 0) + offs;
     t->buffer    = cache->buffer;
-    t->data      = cache->data;
+    t->data      = (char *) cache->data + offs;
+}
+
+ggml_tensor * view_as_words(ggml_context * ctx, ggml_tensor * cache) {
+    GGML_ASSERT(cache->nb[1] % sizeof(float) == 0);
+    ggml_tensor * t = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, cache->nb[1]/sizeof(float), cache->ne[1]);
+    place_over(t, cache, 0);
     return t;
 }
 
-// A layer's K (or plain V) as one "sub-row" per (cell, head): sub-row cell*n_head_kv + h is
-// head h's slice of cell's row. Gathering sub-rows in (slot, head) order reads each source
-// row's heads together, which keeps the gather close to sequential in memory.
-ggml_tensor * view_sub_rows(ggml_context * ctx, ggml_tensor * cache, int64_t head_dim, int64_t n_head_kv) {
+// What one layer's move does, decided on the host before the graph is built. A source row
+// that already sits in its destination is not moved (protected prefixes, sinks). A slot whose
+// heads all chose the same cell moves as one whole row; the others move per (cell, head)
+// slice: fewer, longer rows, since the gather costs about the same per row whatever its length.
+struct layer_moves {
+    int64_t lo = 0; // the sources lie in cells [lo, hi); indices below are relative to lo
+    int64_t hi = 0;
+    std::vector<int32_t> row_src, row_dst; // whole rows: cell - lo, destination cell
+    std::vector<int32_t> sub_src, sub_dst; // slices: (cell - lo)*n_head_kv + h, dst*n_head_kv + h
+
+    // the same move as one span: slots [j0, count) in slot order, all heads, in chunks of
+    // consecutive slots; chunk k gathers from the cells [lo, hi) its sources span: whole rows
+    // (cell - lo) when every slot's heads agree, else slices ((cell - lo)*n_head_kv + h,
+    // slot-major), at span_src[first .. first + n)
+    struct chunk {
+        int64_t j_begin, j_end; // slots
+        int64_t lo, hi;         // source cells
+        int64_t first, n;       // indices in span_src
+    };
+    int64_t j0 = 0;
+    bool    span_whole = false;
+    std::vector<chunk>   chunks;
+    std::vector<int32_t> span_src;
+
+    int64_t dst_first = -1;    // the cell of slot j0 when the slots from j0 on are consecutive cells
+    bool k_span = false;       // K moves as the span (else split)
+    bool v_span = false;       // V moves as the span (always for a transposed V)
+
+    bool empty() const { return row_src.empty() && sub_src.empty(); }
+};
+
+int32_t slot_cell(const compaction_plan & plan, int32_t il, int32_t h, int32_t j) {
+    return plan.cells[((int64_t) il*plan.n_head_kv + h)*plan.n_slots + j];
+}
+
+// the first slot at or after which some head's source is not already its destination
+int64_t first_moved_slot(const compaction_plan & plan, int32_t il) {
+    for (int32_t j = 0; j < plan.counts[il]; ++j) {
+        for (int32_t h = 0; h < plan.n_head_kv; ++h) {
+            if ((uint32_t) slot_cell(plan, il, h, j) != plan.dst_cells[j]) {
+                return j;
+            }
+        }
+    }
+    return plan.counts[il];
+}
+
+void plan_split(const compaction_plan & plan, int32_t il, layer_moves & m) {
+    const int32_t H = plan.n_head_kv;
+    m.lo = INT64_MAX;
+    for (int32_t j = 0; j < plan.counts[il]; ++j) {
+        const int32_t dst = (int32_t) plan.dst_cells[j];
+        const int32_t c0  = slot_cell(plan, il, 0, j);
+        bool whole = true;
+        for (int32_t h = 1; h < H; ++h) {
+            whole = whole && slot_cell(plan, il, h, j) == c0;
+        }
+        for (int32_t h = 0; h < H; ++h) {
+            const int32_t c = slot_cell(plan, il, h, j);
+            if (c != dst) {
+                m.lo = std::min<int64_t>(m.lo, c);
+                m.hi = std::max<int64_t>(m.hi, c + 1);
+            }
+            if (c != dst && !whole) {
+                m.sub_src.push_back(c*H + h); // made relative to lo below
+                m.sub_dst.push_back(dst*H + h);
+            }
+        }
+        if (whole && c0 != dst) {
+            m.row_src.push_back(c0);
+            m.row_dst.push_back(dst);
+        }
+    }
+    if (m.empty()) {
+        m.lo = m.hi = 0;
+    }
+    for (auto & c : m.row_src) { c -= (int32_t) m.lo; }
+    for (auto & s : m.sub_src) { s -= (int32_t) m.lo*H; }
+}
+
+// the cells [lo, hi) that the sources of slots [j_begin, j_end) span
+layer_moves::chunk span_chunk(const compaction_plan & plan, int32_t il, int64_t j_begin, int64_t j_end) {
+    layer_moves::chunk c = { j_begin, j_end, INT64_MAX, 0, 0, 0 };
+    for (int64_t j = j_begin; j < j_end; ++j) {
+        for (int32_t h = 0; h < plan.n_head_kv; ++h) {
+            c.lo = std::min<int64_t>(c.lo, slot_cell(plan, il, h, (int32_t) j));
+            c.hi = std::max<int64_t>(c.hi, slot_cell(plan, il, h, (int32_t) j) + 1);
+        }
+    }
+    return c;
+}
+
+// Chunks let a staged copy stay in the CPU's caches between its copy and its gather. They are
+// only safe when no chunk reads a cell an earlier chunk has written: with consecutive
+// destinations, when every chunk's sources lie at or after its first destination cell (true
+// when each head's cells ascend with the slots, as policies lay them out). Else one chunk.
+std::vector<layer_moves::chunk> plan_chunks(const compaction_plan & plan, int32_t il, int64_t j0,
+        int64_t n_chunks, int64_t dst_first) {
+    const int64_t n = plan.counts[il] - j0;
+    n_chunks = dst_first >= 0 ? std::max<int64_t>(1, std::min(n_chunks, n)) : 1;
+    std::vector<layer_moves::chunk> chunks;
+    for (int64_t k = 0; k < n_chunks; ++k) {
+        chunks.push_back(span_chunk(plan, il, j0 + n*k/n_chunks, j0 + n*(k + 1)/n_chunks));
+        if (k > 0 && chunks.back().lo < dst_first + (chunks.back().j_begin - j0)) {
+            return { span_chunk(plan, il, j0, plan.counts[il]) };
+        }
+    }
+    return chunks;
+}
+
+void plan_span(const compaction_plan & plan, int32_t il, int64_t n_chunks, layer_moves & m) {
+    const int32_t H = plan.n_head_kv;
+    m.span_whole = true;
+    for (int32_t j = (int32_t) m.j0; j < plan.counts[il]; ++j) {
+        for (int32_t h = 1; h < H; ++h) {
+            m.span_whole = m.span_whole && slot_cell(plan, il, h, j) == slot_cell(plan, il, 0, j);
+        }
+    }
+    m.chunks = plan_chunks(plan, il, m.j0, n_chunks, m.dst_first);
+    for (auto & c : m.chunks) {
+        c.first = (int64_t) m.span_src.size();
+        for (int64_t j = c.j_begin; j < c.j_end; ++j) {
+            for (int32_t h = 0; h < (m.span_whole ? 1 : H); ++h) {
+                const int64_t cell = slot_cell(plan, il, h, (int32_t) j) - c.lo;
+                m.span_src.push_back((int32_t) (m.span_whole ? cell : cell*H + h));
+            }
+        }
+        c.n = (int64_t) m.span_src.size() - c.first;
+    }
+}
+
+// A cache tensor as rows of units that move without conversion: F32 words when a head's slice
+// is whole words (every supported type at the usual head sizes), else the cache's own type.
+struct row_units {
+    ggml_tensor * rows;     // [units per row, kv_size]
+    int64_t       per_head; // units per head slice
+};
+
+row_units view_row_units(ggml_context * ctx, ggml_tensor * cache, int64_t head_dim, int64_t n_head_kv) {
     const size_t head_bytes = ggml_row_size(cache->type, head_dim);
     GGML_ASSERT(cache->nb[1] == head_bytes*n_head_kv);
     if (head_bytes % sizeof(float) == 0) {
-        ggml_tensor * words = view_as_words(ctx, cache);
-        return ggml_view_2d(ctx, words, head_bytes/sizeof(float), cache->ne[1]*n_head_kv, head_bytes, 0);
+        return { view_as_words(ctx, cache), (int64_t) (head_bytes/sizeof(float)) };
     }
-    return ggml_view_2d(ctx, cache, head_dim, cache->ne[1]*n_head_kv, head_bytes, 0);
+    return { ggml_view_2d(ctx, cache, head_dim*n_head_kv, cache->ne[1], cache->nb[1], 0), head_dim };
 }
 
-// K or plain V of one layer. The gather output is a new tensor, so reads never see the writes.
-ggml_tensor * build_move_rows(ggml_context * ctx, ggml_tensor * cache, int64_t head_dim, int64_t n_head_kv,
-        ggml_tensor * src_sub, ggml_tensor * dst_sub) {
-    ggml_tensor * sub  = view_sub_rows(ctx, cache, head_dim, n_head_kv);
-    ggml_tensor * rows = ggml_get_rows(ctx, sub, src_sub); // [head_len, n_keep*n_head_kv]
-    return ggml_set_rows(ctx, sub, rows, dst_sub);
+// rows [units, n_rows] as n_rows*n_head_kv head slices
+ggml_tensor * view_slices(ggml_context * ctx, ggml_tensor * rows, int64_t per_head, int64_t n_head_kv) {
+    return ggml_view_2d(ctx, rows, per_head, rows->ne[1]*n_head_kv, per_head*ggml_element_size(rows), 0);
 }
 
-// transposed V of one layer: one row of kv_size cells per channel. The used cells are first
+struct layer_inputs {
+    ggml_tensor * row_src = nullptr; // I32, see layer_moves
+    ggml_tensor * row_dst = nullptr;
+    ggml_tensor * sub_src = nullptr;
+    ggml_tensor * sub_dst = nullptr;
+    ggml_tensor * span_src = nullptr;
+};
+
+ggml_tensor * new_index(ggml_context * ctx, size_t n) {
+    if (n == 0) {
+        return nullptr;
+    }
+    ggml_tensor * t = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, (int64_t) n);
+    ggml_set_input(t);
+    return t;
+}
+
+// The gather's cost is the latency of its scattered reads, not bandwidth. On a CPU, copying
+// the source cells first (a sequential read the prefetcher streams) and gathering from that
+// copy while the caches still hold it took less than half the time of the scattered gather
+// alone. A device hides the latency with parallelism and skips the copy.
+bool stage_sources(const ggml_tensor * cache) {
+    return cache->buffer != nullptr && ggml_backend_buffer_is_host(cache->buffer);
+}
+
+// cells [lo, hi) of rows [units, kv_size], copied when staged
+ggml_tensor * source_rows(ggml_context * ctx, ggml_tensor * rows, int64_t lo, int64_t hi, bool stage) {
+    ggml_tensor * src = ggml_view_2d(ctx, rows, rows->ne[0], hi - lo, rows->nb[1], lo*rows->nb[1]);
+    return stage ? ggml_cont(ctx, src) : src;
+}
+
+// K or plain V of one layer, gathered into a temporary and written with set_rows. Every gather
+// is built before any write into the same tensor, so no gather reads a row this move has
+// already overwritten (with staging, the writes also depend on the copy they gather from).
+void build_move_split(ggml_context * ctx, ggml_cgraph * gf, const row_units & u, int64_t n_head_kv,
+        const layer_moves & m, const layer_inputs & in, bool stage) {
+    ggml_tensor * src = source_rows(ctx, u.rows, m.lo, m.hi, stage);
+
+    ggml_tensor * rows = in.row_src ? ggml_get_rows(ctx, src, in.row_src) : nullptr;
+    ggml_tensor * subs = in.sub_src ? ggml_get_rows(ctx, view_slices(ctx, src, u.per_head, n_head_kv), in.sub_src) : nullptr;
+    for (ggml_tensor * g : { rows, subs }) {
+        if (g != nullptr) {
+            ggml_build_forward_expand(gf, g);
+        }
+    }
+    if (rows != nullptr) {
+        ggml_build_forward_expand(gf, ggml_set_rows(ctx, u.rows, rows, in.row_dst));
+    }
+    if (subs != nullptr) {
+        ggml_build_forward_expand(gf, ggml_set_rows(ctx, view_slices(ctx, u.rows, u.per_head, n_head_kv), subs, in.sub_dst));
+    }
+}
+
+// K or plain V of one layer when the slots from j0 on are consecutive cells and the sources
+// are staged: each gather reads only its staged copy, so its output can be the destination
+// rows themselves (one pass, no temporary, no set_rows). ggml_get_rows always makes a new
+// tensor; it is placed over the cache bytes the way view_as_words places the alias. The
+// chunks run in graph order (the CPU backend computes nodes one after the other), each copy
+// before the writes of the chunks after it.
+void build_move_span(ggml_context * ctx, ggml_cgraph * gf, ggml_tensor * cache, const row_units & u, int64_t n_head_kv,
+        const layer_moves & m, ggml_tensor * span_src) {
+    for (const auto & c : m.chunks) {
+        ggml_tensor * src = source_rows(ctx, u.rows, c.lo, c.hi, true);
+        ggml_tensor * idx = ggml_view_1d(ctx, span_src, c.n, c.first*sizeof(int32_t));
+        ggml_tensor * out = ggml_get_rows(ctx, m.span_whole ? src : view_slices(ctx, src, u.per_head, n_head_kv), idx);
+        place_over(out, cache, (m.dst_first + c.j_begin - m.j0)*cache->nb[1]);
+        ggml_build_forward_expand(gf, out);
+    }
+}
+
+// transposed V of one layer: one row of kv_size cells per channel. The source cells are first
 // transposed into channel-contiguous rows and gathered like K; the slots are then written
 // back as columns: one strided copy when the slots are consecutive cells, else one element
-// per (slot, channel)
+// per (slot, channel). Only the slots from the first one that moves, and only the cells their
+// sources span, take part.
 ggml_tensor * build_move_columns(ggml_context * ctx, ggml_tensor * cache, int64_t head_dim, int64_t n_head_kv,
-        int64_t n_used, ggml_tensor * src_sub, ggml_tensor * dst_cells, int64_t dst_first) {
+        const layer_moves & m, ggml_tensor * span_src, ggml_tensor * dst_cells, int64_t dst_first) {
     const int64_t kv_size = cache->ne[1];
     const size_t  es      = ggml_element_size(cache);
-    const int64_t n_keep  = dst_cells->ne[0];
+    const int64_t n_move  = dst_cells->ne[0];
+    const auto &  span    = m.chunks.front();
+    const int64_t n_src   = span.hi - span.lo;
+    GGML_ASSERT(m.chunks.size() == 1);
 
-    ggml_tensor * by_channel = ggml_view_2d(ctx, cache, n_used, head_dim*n_head_kv, kv_size*es, 0);
-    ggml_tensor * by_cell    = ggml_cont(ctx, ggml_transpose(ctx, by_channel)); // [n_chan, n_used]
-    ggml_tensor * sub        = ggml_view_2d(ctx, by_cell, head_dim, n_used*n_head_kv, head_dim*es, 0);
-    ggml_tensor * rows       = ggml_get_rows(ctx, sub, src_sub);                // F32 [head_dim, n_head_kv*n_keep]
+    ggml_tensor * by_channel = ggml_view_2d(ctx, cache, n_src, head_dim*n_head_kv, kv_size*es, span.lo*es);
+    ggml_tensor * by_cell    = ggml_cont(ctx, ggml_transpose(ctx, by_channel)); // [n_chan, n_src]
+    ggml_tensor * sub        = m.span_whole ? by_cell : ggml_view_2d(ctx, by_cell, head_dim, n_src*n_head_kv, head_dim*es, 0);
+    ggml_tensor * rows       = ggml_get_rows(ctx, sub, span_src);               // F32, head_dim*n_head_kv per slot
     const size_t  fs         = ggml_element_size(rows);
 
     if (dst_first >= 0) {
-        // [n_keep, head_dim, n_head_kv] from the gathered rows, into cells dst_first .. dst_first + n_keep - 1
-        ggml_tensor * by_slot = ggml_view_3d(ctx, rows, head_dim, n_head_kv, n_keep, head_dim*fs, n_head_kv*head_dim*fs, 0);
+        // [n_move, head_dim, n_head_kv] from the gathered rows, into cells dst_first .. dst_first + n_move - 1
+        ggml_tensor * by_slot = ggml_view_3d(ctx, rows, head_dim, n_head_kv, n_move, head_dim*fs, n_head_kv*head_dim*fs, 0);
         ggml_tensor * src = ggml_permute(ctx, by_slot, 1, 2, 0, 3);
-        ggml_tensor * dst = ggml_view_3d(ctx, cache, n_keep, head_dim, n_head_kv, kv_size*es, head_dim*kv_size*es, dst_first*es);
+        ggml_tensor * dst = ggml_view_3d(ctx, cache, n_move, head_dim, n_head_kv, kv_size*es, head_dim*kv_size*es, dst_first*es);
         return ggml_cpy(ctx, src, dst);
     }
 
-    ggml_tensor * elems = ggml_view_4d(ctx, rows, 1, n_keep, head_dim, n_head_kv,
-            n_head_kv*head_dim*fs, fs, head_dim*fs, 0);                           // [1, n_keep, head_dim, n_head_kv]
+    ggml_tensor * elems = ggml_view_4d(ctx, rows, 1, n_move, head_dim, n_head_kv,
+            n_head_kv*head_dim*fs, fs, head_dim*fs, 0);                           // [1, n_move, head_dim, n_head_kv]
     ggml_tensor * dst   = ggml_view_4d(ctx, cache, 1, kv_size, head_dim, n_head_kv,
             es, kv_size*es, head_dim*kv_size*es, 0);
     return ggml_set_rows(ctx, dst, elems, dst_cells);
 }
 
 struct move_inputs {
-    std::vector<ggml_tensor *> src_sub; // per layer, I32 [counts[l]*n_head_kv]: cell*n_head_kv + h, slot-major
-    std::vector<ggml_tensor *> dst_sub; // per layer, I32 [counts[l]*n_head_kv]
-    ggml_tensor * dst_cells = nullptr;  // I32 [n_slots]
+    std::vector<layer_inputs> layers; // per layer
+    ggml_tensor * dst_cells = nullptr; // I32 [n_slots]
 };
 
-// the first of n cells when dst[0 .. n-1] are consecutive, else -1
-int64_t consecutive_from(const std::vector<uint32_t> & dst, int64_t n) {
-    for (int64_t j = 1; j < n; ++j) {
-        if (dst[j] != dst[0] + j) {
+// the first of cells dst[j0 .. n-1] when they are consecutive, else -1
+int64_t consecutive_from(const std::vector<uint32_t> & dst, int64_t j0, int64_t n) {
+    for (int64_t j = j0 + 1; j < n; ++j) {
+        if (dst[j] != dst[j0] + (j - j0)) {
             return -1;
         }
     }
-    return dst[0];
+    return dst[j0];
+}
+
+// the span form with its gather written straight into the cache: only for staged sources
+// (the gather must not read the rows it writes), consecutive destination cells, and rows
+// moved as F32 words (ggml_get_rows returns F32)
+bool gathers_in_place(const ggml_tensor * cache, int64_t head_dim, int64_t dst_first) {
+    return dst_first >= 0 && stage_sources(cache) && ggml_row_size(cache->type, head_dim) % sizeof(float) == 0;
+}
+
+// Chunks per tensor that keep the graph within the context's node budget (llama.cpp sizes it
+// from the model's tensor count, at least 8 per tensor): each chunk adds about 10 tensors to a
+// layer (a copy, a gather and views, for K and for V), the rest of a layer's move up to 30.
+int64_t max_chunks(const llm_graph_result * res, int32_t n_layer) {
+    const int64_t per_layer = res->get_max_nodes()/std::max(1, n_layer);
+    return std::max<int64_t>(1, std::min<int64_t>(4, (per_layer - 30)/10));
+}
+
+layer_moves plan_layer(const llama_kv_cache & kv, const compaction_plan & plan, int32_t il, int64_t chunks_max) {
+    layer_moves m;
+    if (plan.counts[il] == 0) {
+        return m; // a sliding-window layer: its K/V are in the other cache
+    }
+    m.j0 = first_moved_slot(plan, il);
+    if (m.j0 == plan.counts[il]) {
+        return m; // every row is already in place
+    }
+    const auto & hp    = access::hparams(kv);
+    const auto & layer = access::layers(kv)[access::layer_index(kv, il)];
+    m.dst_first = consecutive_from(plan.dst_cells, m.j0, plan.counts[il]);
+    m.k_span = gathers_in_place(layer.k_stream[plan.strm], hp.n_embd_head_k(il), m.dst_first);
+    m.v_span = access::v_trans(kv) || gathers_in_place(layer.v_stream[plan.strm], hp.n_embd_head_v(il), m.dst_first);
+    if (m.k_span || m.v_span) {
+        // a transposed V gathers from one transposed span; else chunks of ~512 KiB of K rows
+        const int64_t span_bytes = (int64_t) layer.k_stream[plan.strm]->nb[1]*(int64_t) access::cells(kv, plan.strm).used_max_p1();
+        const int64_t n_chunks = access::v_trans(kv) ? 1 : std::min<int64_t>(chunks_max, 1 + span_bytes/(512*1024));
+        plan_span(plan, il, n_chunks, m);
+    }
+    if (!m.k_span || !m.v_span) {
+        plan_split(plan, il, m);
+    }
+    return m;
+}
+
+void build_move_rows(ggml_context * ctx, ggml_cgraph * gf, ggml_tensor * cache, int64_t head_dim, int64_t n_head_kv,
+        const layer_moves & m, const layer_inputs & in, bool span) {
+    const row_units u = view_row_units(ctx, cache, head_dim, n_head_kv);
+    if (span) {
+        build_move_span(ctx, gf, cache, u, n_head_kv, m, in.span_src);
+    } else if (!m.empty()) {
+        build_move_split(ctx, gf, u, n_head_kv, m, in, stage_sources(cache));
+    }
 }
 
 ggml_cgraph * build_graph_compact(llm_graph_result * res, const llama_kv_cache & kv, const compaction_plan & plan,
-        uint32_t n_used, move_inputs & inp) {
+        const std::vector<layer_moves> & moves, move_inputs & inp) {
     auto * ctx = res->get_ctx();
     auto * gf  = res->get_gf();
     const auto & hp = access::hparams(kv);
@@ -290,63 +586,65 @@ ggml_cgraph * build_graph_compact(llm_graph_result * res, const llama_kv_cache &
 
     inp.dst_cells = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, plan.n_slots);
     ggml_set_input(inp.dst_cells);
+    inp.layers.resize(plan.n_layer);
 
     for (int32_t il = 0; il < plan.n_layer; ++il) {
+        const layer_moves & m = moves[il];
+        if (m.span_src.empty() && m.empty()) {
+            continue;
+        }
         const auto & layer = access::layers(kv)[access::layer_index(kv, il)];
-        const int64_t n_keep = plan.counts[il];
+        layer_inputs & in = inp.layers[il];
+        in.row_src  = new_index(ctx, m.row_src.size());
+        in.row_dst  = new_index(ctx, m.row_dst.size());
+        in.sub_src  = new_index(ctx, m.sub_src.size());
+        in.sub_dst  = new_index(ctx, m.sub_dst.size());
+        in.span_src = new_index(ctx, m.span_src.size());
 
-        ggml_tensor * src_sub = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n_keep*H);
-        ggml_tensor * dst_sub = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n_keep*H);
-        ggml_set_input(src_sub);
-        ggml_set_input(dst_sub);
-        inp.src_sub.push_back(src_sub);
-        inp.dst_sub.push_back(dst_sub);
-
-        ggml_tensor * k = layer.k_stream[plan.strm];
-        ggml_build_forward_expand(gf, build_move_rows(ctx, k, hp.n_embd_head_k(il), H, src_sub, dst_sub));
+        build_move_rows(ctx, gf, layer.k_stream[plan.strm], hp.n_embd_head_k(il), H, m, in, m.k_span);
 
         ggml_tensor * v = layer.v_stream[plan.strm];
-        if (access::v_trans(kv)) {
-            ggml_tensor * dst_cells = ggml_view_1d(ctx, inp.dst_cells, n_keep, 0);
-            ggml_build_forward_expand(gf, build_move_columns(ctx, v, hp.n_embd_head_v(il), H, n_used, src_sub, dst_cells,
-                        consecutive_from(plan.dst_cells, n_keep)));
+        if (!access::v_trans(kv)) {
+            build_move_rows(ctx, gf, v, hp.n_embd_head_v(il), H, m, in, m.v_span);
         } else {
-            ggml_build_forward_expand(gf, build_move_rows(ctx, v, hp.n_embd_head_v(il), H, src_sub, dst_sub));
+            const int64_t n_move = plan.counts[il] - m.j0;
+            ggml_tensor * dst_cells = ggml_view_1d(ctx, inp.dst_cells, n_move, m.j0*sizeof(int32_t));
+            ggml_build_forward_expand(gf, build_move_columns(ctx, v, hp.n_embd_head_v(il), H, m, in.span_src, dst_cells,
+                        m.dst_first));
         }
     }
     return gf;
 }
 
-void set_move_inputs(const compaction_plan & plan, const move_inputs & inp) {
+void set_index(ggml_tensor * t, const std::vector<int32_t> & values) {
+    if (t != nullptr) {
+        ggml_backend_tensor_set(t, values.data(), 0, ggml_nbytes(t));
+    }
+}
+
+void set_move_inputs(const compaction_plan & plan, const std::vector<layer_moves> & moves, const move_inputs & inp) {
     // only the element-wise path of a transposed V reads the plain cell list
     if (inp.dst_cells->buffer != nullptr) {
         std::vector<int32_t> dst(plan.dst_cells.begin(), plan.dst_cells.end());
         ggml_backend_tensor_set(inp.dst_cells, dst.data(), 0, ggml_nbytes(inp.dst_cells));
     }
-
-    const int32_t H = plan.n_head_kv;
-    std::vector<int32_t> src_sub, dst_sub;
-    for (int32_t il = 0; il < plan.n_layer; ++il) {
-        const int32_t n_keep = plan.counts[il];
-        src_sub.resize((size_t) n_keep*H);
-        dst_sub.resize((size_t) n_keep*H);
-        for (int32_t j = 0; j < n_keep; ++j) {
-            for (int32_t h = 0; h < H; ++h) {
-                const int32_t c = plan.cells[((int64_t) il*H + h)*plan.n_slots + j];
-                src_sub[(size_t) j*H + h] = c*H + h;
-                dst_sub[(size_t) j*H + h] = (int32_t) plan.dst_cells[j]*H + h;
-            }
-        }
-        ggml_backend_tensor_set(inp.src_sub[il], src_sub.data(), 0, ggml_nbytes(inp.src_sub[il]));
-        ggml_backend_tensor_set(inp.dst_sub[il], dst_sub.data(), 0, ggml_nbytes(inp.dst_sub[il]));
+    for (size_t il = 0; il < inp.layers.size(); ++il) {
+        const layer_inputs & in = inp.layers[il];
+        set_index(in.row_src,  moves[il].row_src);
+        set_index(in.row_dst,  moves[il].row_dst);
+        set_index(in.sub_src,  moves[il].sub_src);
+        set_index(in.sub_dst,  moves[il].sub_dst);
+        set_index(in.span_src, moves[il].span_src);
     }
 }
 
 // llama_context::memory_update() does the same after K-shift: our graph reset the scheduler,
-// so the previous decode graph must not be reused and the worst case is reserved again
+// so the previous decode graph must not be reused and the worst case is reserved again.
+// The reserve needs the context of the whole memory (both caches of an iSWA model), not kv's.
 void reserve_after_compute(llama_context * lctx, llama_kv_cache & kv) {
+    GGML_UNUSED(kv);
     const auto & cparams = lctx->get_cparams();
-    const auto mctx = kv.init_full();
+    const auto mctx = lctx->get_memory()->init_full();
     const uint32_t n_tokens = std::min(cparams.n_ctx, cparams.n_ubatch);
     const uint32_t n_outputs_max = std::min(n_tokens, cparams.n_outputs_max);
     if (!lctx->graph_reserve(n_tokens, cparams.n_seq_max, n_outputs_max, mctx.get())) {
@@ -362,16 +660,20 @@ int32_t move_rows(llama_context * lctx, llama_kv_cache & kv, const compaction_pl
     auto * res = lctx->get_gf_res_reserve();
     res->reset();
 
-    const uint32_t n_used = access::cells(kv, plan.strm).used_max_p1();
+    std::vector<layer_moves> moves(plan.n_layer);
+    const int64_t chunks_max = max_chunks(res, plan.n_layer);
+    for (int32_t il = 0; il < plan.n_layer; ++il) {
+        moves[il] = plan_layer(kv, plan, il, chunks_max);
+    }
 
     move_inputs inp;
-    ggml_cgraph * gf = build_graph_compact(res, kv, plan, n_used, inp);
+    ggml_cgraph * gf = build_graph_compact(res, kv, plan, moves, inp);
     if (!ggml_backend_sched_alloc_graph(sched, gf)) {
         LLAMA_LOG_ERROR("%s: failed to allocate the compaction graph\n", __func__);
         reserve_after_compute(lctx, kv);
         return LLAMA_KVCOMPOSE_ERR_COMPUTE;
     }
-    set_move_inputs(plan, inp);
+    set_move_inputs(plan, moves, inp);
 
     const ggml_status status = lctx->graph_compute(gf, false);
     ggml_backend_sched_synchronize(sched);
@@ -403,8 +705,19 @@ int32_t new_budget(llama_kv_cache & kv, const int32_t * counts, int32_t n_layer)
     return (int32_t) budgets.size() - 1;
 }
 
-bool budgets_uniform(const int32_t * counts, int32_t n_layer) {
-    return std::all_of(counts, counts + n_layer, [&](int32_t n) { return n == counts[0]; });
+// equal counts over the layers this cache holds (the others are 0 and see none of its cells)
+bool budgets_uniform(const llama_kv_cache & kv, const int32_t * counts, int32_t n_layer) {
+    int32_t first = -1;
+    for (int32_t il = 0; il < n_layer; ++il) {
+        if (!holds_layer(kv, il)) {
+            continue;
+        }
+        if (first >= 0 && counts[il] != first) {
+            return false;
+        }
+        first = counts[il];
+    }
+    return true;
 }
 
 void rewrite_cells(llama_kv_cache & kv, llama_seq_id seq_id, const compaction_plan & plan, const llama_pos * slot_positions) {
@@ -412,7 +725,7 @@ void rewrite_cells(llama_kv_cache & kv, llama_seq_id seq_id, const compaction_pl
     for (uint32_t c : plan.seq_cells) {
         cells.seq_rm(c, seq_id);
     }
-    const int32_t budget = budgets_uniform(plan.counts, plan.n_layer) ? -1 : new_budget(kv, plan.counts, plan.n_layer);
+    const int32_t budget = budgets_uniform(kv, plan.counts, plan.n_layer) ? -1 : new_budget(kv, plan.counts, plan.n_layer);
     for (int32_t j = 0; j < plan.n_slots; ++j) {
         const uint32_t c = plan.dst_cells[j];
         cells.pos_set(c, slot_positions[j]);
@@ -440,19 +753,26 @@ int32_t llama_kvcompose_compact_seq(
     if (ctx == nullptr || counts == nullptr || cells == nullptr || slot_positions == nullptr || layer_offsets != nullptr) {
         return LLAMA_KVCOMPOSE_ERR_ARGUMENT;
     }
-    llama_kv_cache * kv = plain_kv_cache(ctx);
+    llama_kv_cache * kv = compact_cache(ctx);
     if (kv == nullptr) {
         return LLAMA_KVCOMPOSE_ERR_UNSUPPORTED;
     }
     if (!seq_id_valid(*kv, seq_id) || n_head_kv < 1) {
         return LLAMA_KVCOMPOSE_ERR_ARGUMENT;
     }
-    const int32_t rc_layers = check_layers(*kv, ctx->get_model(), n_layer, n_head_kv);
+    const llama_kv_cache * swa = swa_cache(ctx);
+    const int32_t rc_layers = check_layers(*kv, swa, ctx->get_model(), n_layer, n_head_kv);
     if (rc_layers != LLAMA_KVCOMPOSE_OK) {
         return rc_layers;
     }
     // a pending K-shift or stream copy would apply to rows that are about to move
     if (kv->get_has_shift() || access::pending_copies(*kv)) {
+        return LLAMA_KVCOMPOSE_ERR_STATE;
+    }
+    // The sliding-window cache keeps its cells and positions, and the slots keep the newest
+    // position, so the next token lands at pos_max + 1 in both caches only if both already
+    // end at the same position.
+    if (swa != nullptr && swa->seq_pos_max(seq_id) != kv->seq_pos_max(seq_id)) {
         return LLAMA_KVCOMPOSE_ERR_STATE;
     }
 
@@ -496,7 +816,7 @@ int32_t llama_kvcompose_seq_cells(
         (capacity > 0 && (cells_out == nullptr || positions_out == nullptr))) {
         return LLAMA_KVCOMPOSE_ERR_ARGUMENT;
     }
-    const llama_kv_cache * kv = plain_kv_cache(ctx);
+    const llama_kv_cache * kv = compact_cache(ctx);
     if (kv == nullptr) {
         return LLAMA_KVCOMPOSE_ERR_UNSUPPORTED;
     }
@@ -529,16 +849,61 @@ int32_t llama_kvcompose_cell_bytes(llama_context * ctx, uint64_t * bytes) {
     if (ctx == nullptr || bytes == nullptr) {
         return LLAMA_KVCOMPOSE_ERR_ARGUMENT;
     }
-    const llama_kv_cache * kv = plain_kv_cache(ctx);
+    const llama_kv_cache * kv = compact_cache(ctx);
     if (kv == nullptr) {
         return LLAMA_KVCOMPOSE_ERR_UNSUPPORTED;
     }
-    uint64_t total = 0;
-    for (const auto & layer : access::layers(*kv)) {
-        total += layer.k ? layer.k->nb[1] : 0;
-        total += layer.v ? ggml_row_size(layer.v->type, layer.v->ne[0]) : 0;
+    *bytes = cache_cell_bytes(*kv);
+    return LLAMA_KVCOMPOSE_OK;
+}
+
+int32_t llama_kvcompose_compact_layers(llama_context * ctx, uint8_t * out, int32_t n_layer) {
+    if (ctx == nullptr || out == nullptr) {
+        return LLAMA_KVCOMPOSE_ERR_ARGUMENT;
     }
-    *bytes = total;
+    const llama_kv_cache * kv = compact_cache(ctx);
+    if (kv == nullptr) {
+        return LLAMA_KVCOMPOSE_ERR_UNSUPPORTED;
+    }
+    if (n_layer != llama_model_n_layer(&ctx->get_model())) {
+        return LLAMA_KVCOMPOSE_ERR_ARGUMENT;
+    }
+    for (int32_t il = 0; il < n_layer; ++il) {
+        out[il] = holds_layer(*kv, il) ? 1 : 0;
+    }
+    return LLAMA_KVCOMPOSE_OK;
+}
+
+int32_t llama_kvcompose_swa_cache_info(
+        llama_context * ctx,
+         llama_seq_id   seq_id,
+              int32_t * n_cells,
+              int32_t * n_seq_cells,
+             uint64_t * cell_bytes,
+              int32_t * n_window) {
+    if (ctx == nullptr) {
+        return LLAMA_KVCOMPOSE_ERR_ARGUMENT;
+    }
+    const llama_kv_cache * kv = compact_cache(ctx);
+    if (kv == nullptr) {
+        return LLAMA_KVCOMPOSE_ERR_UNSUPPORTED;
+    }
+    if (!seq_id_valid(*kv, seq_id)) {
+        return LLAMA_KVCOMPOSE_ERR_ARGUMENT;
+    }
+    const llama_kv_cache * swa = swa_cache(ctx);
+    int32_t size = 0, held = 0;
+    if (swa != nullptr) {
+        const auto & cells = access::cells(*swa, access::stream_of(*swa, seq_id));
+        size = (int32_t) cells.size();
+        for (uint32_t c = 0; c < cells.size(); ++c) {
+            held += !cells.is_empty(c) && cells.seq_has(c, seq_id) ? 1 : 0;
+        }
+    }
+    if (n_cells != nullptr)     { *n_cells     = size; }
+    if (n_seq_cells != nullptr) { *n_seq_cells = held; }
+    if (cell_bytes != nullptr)  { *cell_bytes  = swa != nullptr ? cache_cell_bytes(*swa) : 0; }
+    if (n_window != nullptr)    { *n_window    = swa != nullptr ? (int32_t) ctx->get_model().hparams.n_swa : 0; }
     return LLAMA_KVCOMPOSE_OK;
 }
 
@@ -552,7 +917,7 @@ int32_t llama_kvcompose_seq_layer_counts(
     if (ctx == nullptr || counts_out == nullptr || capacity < 0 || (capacity > 0 && slot_of_cell_out == nullptr)) {
         return LLAMA_KVCOMPOSE_ERR_ARGUMENT;
     }
-    const llama_kv_cache * kv = plain_kv_cache(ctx);
+    const llama_kv_cache * kv = compact_cache(ctx);
     if (kv == nullptr) {
         return LLAMA_KVCOMPOSE_ERR_UNSUPPORTED;
     }
@@ -561,7 +926,9 @@ int32_t llama_kvcompose_seq_layer_counts(
     }
     const auto & cells = access::cells(*kv, access::stream_of(*kv, seq_id));
     const auto & budgets = access::budgets(*kv);
-    std::fill(counts_out, counts_out + n_layer, -1);
+    for (int32_t il = 0; il < n_layer; ++il) {
+        counts_out[il] = holds_layer(*kv, il) ? -1 : 0;
+    }
     int32_t n = 0;
     for (uint32_t c = 0; c < cells.size(); ++c) {
         if (cells.is_empty(c) || !cells.seq_has(c, seq_id)) {
@@ -589,7 +956,7 @@ int32_t llama_kvcompose_seq_set_layer_counts(
     if (ctx == nullptr || counts == nullptr || slot_of_cell == nullptr || n_cells < 1) {
         return LLAMA_KVCOMPOSE_ERR_ARGUMENT;
     }
-    llama_kv_cache * kv = plain_kv_cache(ctx);
+    llama_kv_cache * kv = compact_cache(ctx);
     if (kv == nullptr) {
         return LLAMA_KVCOMPOSE_ERR_UNSUPPORTED;
     }
@@ -625,7 +992,8 @@ int32_t llama_kvcompose_seq_set_layer_counts(
         }
     }
     for (int32_t il = 0; il < n_layer; ++il) {
-        if (counts[il] < 1 || counts[il] > n_slots) {
+        const bool held = holds_layer(*kv, il);
+        if (held ? (counts[il] < 1 || counts[il] > n_slots) : counts[il] != 0) {
             return LLAMA_KVCOMPOSE_ERR_RANGE;
         }
     }
@@ -642,6 +1010,7 @@ int32_t llama_kvcompose_seq_set_layer_counts(
 namespace {
 
 // per model layer: does any used cell of streams [s0, s1] hold a slot the layer does not own
+// (never a layer whose K/V live in another cache: it does not attend to these cells at all)
 std::vector<bool> masked_layers(const llama_kv_cache & kv, uint32_t s0, uint32_t s1) {
     const auto & budgets = access::budgets(kv);
     if (budgets.empty()) {
@@ -664,7 +1033,7 @@ std::vector<bool> masked_layers(const llama_kv_cache & kv, uint32_t s0, uint32_t
         }
         res.resize(budgets[b].size(), false);
         for (size_t il = 0; il < budgets[b].size(); ++il) {
-            res[il] = res[il] || max_slot[b] >= budgets[b][il];
+            res[il] = res[il] || (max_slot[b] >= budgets[b][il] && holds_layer(kv, (int32_t) il));
         }
     }
     if (std::none_of(res.begin(), res.end(), [](bool m) { return m; })) {

@@ -21,6 +21,17 @@ def default_model_path():
         pytest.skip(f"default model not installed: {exc}")
 
 
+@pytest.fixture(scope="session")
+def gemma3_path():
+    """Gemma-3-270M, the sliding-window (iSWA) model."""
+    from kvcompose_gguf import models
+
+    try:
+        return models.gemma3_path()
+    except models.ModelNotInstalledError as exc:
+        pytest.skip(f"sliding-window model not installed: {exc}")
+
+
 @pytest.fixture
 def session_class():
     """The class `sessions` opens; a test module overrides this fixture to use a subclass."""

@@ -606,6 +606,73 @@ def test_heads_keeping_the_same_cells_move_whole_rows_byte_exactly(sessions, tin
     assert s.blob(1) == before[1]
 
 
+def _filled_with_noise(s, n_cells: int, rng) -> bytes:
+    """Load n_cells cells of random bytes for seq 0 (positions 0..n-1) through a state blob: a
+    cache large enough for the move to split into several chunks without a long prefill."""
+    s.decode(prompt(rng, 1), [0])
+    old = state_blob.parse_seq_state(s.blob()).only_stream()
+
+    def noise(shape):
+        return rng.integers(0, 256, size=shape, dtype=np.uint8)
+
+    def finite_f16(shape):
+        # a transposed V passes through F32 on its way (get_rows), which keeps every finite
+        # f16 value, subnormals included, but not a NaN's payload
+        bits = rng.integers(0, 1 << 16, size=shape[:-1] + (shape[-1] // 2,), dtype=np.uint16)
+        bits[(bits & 0x7C00) == 0x7C00] &= 0xBFFF
+        return bits.view(np.uint8)
+
+    k = [state_blob.LayerRows(layer.type, noise((n_cells, layer.rows.shape[1]))) for layer in old.k]
+    if old.v_trans:
+        v = [state_blob.LayerColumns(layer.type, finite_f16((layer.data.shape[0], n_cells, layer.data.shape[2]))) for layer in old.v]
+    else:
+        v = [state_blob.LayerRows(layer.type, noise((n_cells, layer.rows.shape[1]))) for layer in old.v]
+    stream = state_blob.StreamState(np.arange(n_cells, dtype=np.int32), [[0]] * n_cells, None, old.v_trans, k, v)
+    blob = state_blob.SeqState(0, [stream]).to_bytes()
+    llama_cpp.llama_memory_clear(s.mem, True)
+    s.set_blob(blob)
+    return blob
+
+
+@pytest.mark.parametrize("flash_attn,type_k,type_v", [(True, F16, F16), (True, Q4_0, Q8_0), (False, F16, F16)])
+@pytest.mark.parametrize("layout", ["ascending", "shuffled", "agreeing-with-prefix"])
+def test_large_cache_moves_in_chunks_byte_exactly(sessions, tiny_model_path, flash_attn, type_k, type_v, layout):
+    """4096 cells of 256-byte K rows: the staged move splits into chunks when every head's cells
+    ascend with the slots, falls back to one span when they do not (shuffled slot order), and
+    moves whole rows after an in-place prefix when the heads agree."""
+    rng = np.random.default_rng(23)
+    s = sessions(tiny_model_path, flash_attn=flash_attn, type_k=type_k, type_v=type_v, n_ctx=4096, n_ubatch=64)
+    before = _filled_with_noise(s, 4096, rng)
+    c = Compactor(s.ctx)
+    seq = c.seq_cells(0)
+    assert len(seq.cells) == 4096
+    counts = [1500, 1100, 1500, 700]
+    sel = random_selection(rng, seq.cells, seq.positions, c.n_layer, c.n_head_kv, counts)
+    if layout == "shuffled":
+        for layer, n in enumerate(counts):
+            order = rng.permutation(n)
+            sel.cells[layer, :, :n] = sel.cells[layer, :, order].T
+            sel.kept_positions[layer, :, :n] = sel.kept_positions[layer, :, order].T
+    elif layout == "agreeing-with-prefix":
+        sel.cells[:, 1:] = sel.cells[:, :1]
+        sel.cells[:, :, :64] = np.arange(64)  # the first 64 slots already sit in their cells
+        sel.kept_positions[:] = sel.cells
+    sel.slot_positions = sel.kept_positions.max(axis=(0, 1)).astype(np.int32)
+
+    result = c.apply(sel)
+
+    np.testing.assert_array_equal(result.slot_cells, np.arange(1500))
+    expected, known = expected_blob(before, sel, seq.cells, result.slot_cells, c.n_head_kv)
+    got = state_blob.parse_seq_state(s.blob()).only_stream()
+    want = expected.only_stream()
+    for layer in range(c.n_layer):
+        np.testing.assert_array_equal(got.k[layer].rows[known[layer]], want.k[layer].rows[known[layer]])
+        if got.v_trans:
+            np.testing.assert_array_equal(got.v[layer].data[:, known[layer]], want.v[layer].data[:, known[layer]])
+        else:
+            np.testing.assert_array_equal(got.v[layer].rows[known[layer]], want.v[layer].rows[known[layer]])
+
+
 def test_a_second_compaction_cannot_give_a_layer_rows_it_does_not_own(sessions, tiny_model_path):
     rng = np.random.default_rng(17)
     s = sessions(tiny_model_path)

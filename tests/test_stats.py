@@ -436,16 +436,6 @@ def test_bad_input_raises_and_keeps_the_context_usable(tiny_model_path, sessions
 # --- sliding-window models ---------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def gemma3_path():
-    from kvcompose_gguf import models
-
-    try:
-        return models.gemma3_path()
-    except models.ModelNotInstalledError as exc:
-        pytest.skip(f"sliding-window model not installed: {exc}")
-
-
 @pytest.mark.gemma
 def test_sliding_window_layers_report_no_statistics(gemma3_path, sessions):
     s = sessions(gemma3_path, n_ctx=256, capture=True)

@@ -11,7 +11,8 @@ from .native import LibraryNotPatchedError, NativeError
 native.load()
 
 from .llama import Llama  # noqa: E402  (needs the checked library)
+from .support import UnsupportedModelError  # noqa: E402
 
 __version__ = "0.1.0"
 
-__all__ = ["Llama", "LibraryNotPatchedError", "NativeError", "native", "__version__"]
+__all__ = ["Llama", "LibraryNotPatchedError", "NativeError", "UnsupportedModelError", "native", "__version__"]

@@ -1,0 +1,28 @@
+"""Constructors shared by the `Llama`-level tests: stock and compressing contexts with
+one thread unless asked (on a shared 2-core machine more threads only stall each other)."""
+
+from __future__ import annotations
+
+import llama_cpp
+import numpy as np
+
+from kvcompose_gguf.llama import Llama
+
+
+def threads(kwargs: dict) -> dict:
+    kwargs.setdefault("n_threads", 1)
+    kwargs.setdefault("n_threads_batch", kwargs["n_threads"])
+    return kwargs
+
+
+def stock(path, **kwargs) -> llama_cpp.Llama:
+    return llama_cpp.Llama(model_path=str(path), verbose=False, **threads(kwargs))
+
+
+def compressing(path, **kwargs) -> Llama:
+    kwargs.setdefault("kv_compress", "kvcompose")
+    return Llama(model_path=str(path), verbose=False, **threads(kwargs))
+
+
+def last_logits(llm) -> np.ndarray:
+    return np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(llm.n_vocab(),)).copy()

@@ -4,6 +4,8 @@
   extraction, QA over generated facts) and the chat-recall scenario;
 - texts: long real text from installed packages (KL divergence, chat filler);
 - methods: the registry of methods under test ("full" = stock llama.cpp ceiling);
+- kvpress_reference: `kvpress:<press>` methods, the authors' presses through transformers
+  on the same GGUF weights and samples, and the agreement report against ours;
 - runner: the grid, progress bar, results document; scoring: recall and KL;
 - report: markdown tables, JSON, plots; command: `kvcompose eval`.
 """

@@ -5,6 +5,7 @@ every compressing method is measured against. The compressing methods run
 `kvcompose_gguf.Llama` with one policy each, in a context of kv_budget times the
 cells the full cache needs (the runner sizes it): the prompt is compressed while
 it is prefilled, the way a chat is, and every method holds the same cells.
+`kvpress:<press>` (kvpress_reference) are the reference methods: kvpress on transformers.
 """
 
 from __future__ import annotations
@@ -42,7 +43,11 @@ class KvUsage:
 class Method:
     """create(model_path, *, n_ctx, kv_budget, observe, logits_all, seed, n_threads) -> Llama-like.
 
-    A method with compresses=False ignores kv_budget and observe and is run once, not per budget."""
+    A method with compresses=False ignores kv_budget and observe and is run once, not per budget;
+    one without observation_modes observes its own way (runs once per budget, observe None).
+    question_apart: create_chat_completion takes the sample's question (question=...), so the
+    method can compress the context before the question is seen (kvpress's semantics).
+    details: extra fields for each sample's record."""
 
     name: str
     description: str
@@ -50,6 +55,8 @@ class Method:
     kv_usage: Callable[[Any], KvUsage]
     compresses: bool
     observation_modes: tuple[str, ...] = ()
+    question_apart: bool = False
+    details: Callable[[Any], dict] | None = None
 
 
 def _factory(policy: str | None) -> Callable[..., Any]:
@@ -138,9 +145,10 @@ for _name, _description in _COMPRESSING.items():
         observation_modes=("window", "repeat"),
     )
 
-# Methods the project plans, with what they wait for.
+# Names that need more than a registry entry, with what to say.
 _PLANNED = {
-    "kvpress": "the kvpress reference mode (transformers on the same GGUF weights), not written yet",
+    "kvpress": "a press named after it: kvpress:full, kvpress:kvcompose, kvpress:snapkv, kvpress:pyramidkv, "
+    "kvpress:tova or kvpress:streaming (the kvpress reference mode)",
 }
 
 
@@ -153,13 +161,19 @@ def register(method: Method) -> None:
 def get_method(name: str) -> Method:
     if name in _REGISTRY:
         return _REGISTRY[name]
+    from . import kvpress_reference
+
+    if kvpress_reference.is_reference(name):
+        return kvpress_reference.method(name)  # needs torch and kvpress, imported on use
     if name in _PLANNED:
         raise MethodUnavailableError(
-            f"method {name!r} is not available in this version: it needs {_PLANNED[name]}. "
+            f"method {name!r} is not available as such: it needs {_PLANNED[name]}. "
             f"Available: {', '.join(available_methods())}"
         )
     raise UnknownMethodError(f"unknown method {name!r}; available: {', '.join(available_methods())}")
 
 
 def available_methods() -> list[str]:
-    return sorted(_REGISTRY)
+    from . import kvpress_reference
+
+    return sorted([*_REGISTRY, *kvpress_reference.method_names()])

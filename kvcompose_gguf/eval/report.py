@@ -70,7 +70,51 @@ def markdown(results: dict) -> str:
             f"| {setting_label(r)} | {r['task']}@{r['length']} | {r['prompt_tokens']:.0f} | {r['cells_used']:.0f} "
             f"| {r['physical_bytes'] / MIB:.2f} | {r['logical_entries']:.0f} |"
         )
+    if any(r["method"].startswith("kvpress:") for r in summary):
+        lines.append("")
+        lines.append("kvpress rows: transformers holds one float32 tensor per layer (twice an f16 cache's bytes, and"
+                     " per-layer budgets are physical there); cells used = the widest layer.")
+    if results.get("agreement"):
+        lines.append("")
+        lines.extend(agreement_markdown(results["agreement"]))
     return "\n".join(lines) + "\n"
+
+
+def agreement_markdown(agreement: dict) -> list[str]:
+    """Our methods against their kvpress counterparts: accuracy per task, KVCompose's per-layer budgets."""
+    lines = ["Agreement with kvpress (same samples; " + agreement["note"] + "):", ""]
+    if agreement["accuracy"]:
+        lines.append("| ours | kvpress | r | task@length | ours % | kvpress % | difference (points) | ratio |")
+        lines.append("|---|---|---|---|---|---|---|---|")
+        for a in agreement["accuracy"]:
+            ratio = "-" if a["ratio"] is None else f"{a['ratio']:g}"
+            ours = a["method"] + (f" obs={a['observe']}" if a["observe"] else "")
+            rel = "-" if a["ratio_to_reference"] is None else f"{a['ratio_to_reference']:.2f}"
+            lines.append(
+                f"| {ours} | {a['reference']} | {ratio} | {a['task']}@{a['length']} | {100 * a['accuracy']:.0f} "
+                f"| {100 * a['reference_accuracy']:.0f} | {a['difference_points']:+.0f} | {rel} |"
+            )
+        lines.append("")
+    for b in agreement["layer_budgets"]:
+        lines.append(
+            f"KVCompose per-layer budgets, {b['task']}@{b['length']} sample {b['index']} ({b['context_tokens']} context "
+            f"tokens), r={b['ratio']:g}: ours (one compression after the context, {b['our_observation']} observation) "
+            f"keeps {b['total_ours']} slots in all, kvpress {b['total_kvpress']}; mean |difference| "
+            f"{b['mean_abs_difference']:.1f} slots per layer ({100 * b['mean_abs_difference_of_context']:.1f} % of the "
+            f"context), max {b['max_abs_difference']}, correlation "
+            f"{'-' if b['correlation'] is None else format(b['correlation'], '.3f')}."
+        )
+        lines.append("")
+        header = "| | " + " | ".join(str(i) for i in range(len(b["ours"]))) + " |"
+        lines.append(header)
+        lines.append("|---" * (len(b["ours"]) + 1) + "|")
+        lines.append("| ours | " + " | ".join(str(x) for x in b["ours"]) + " |")
+        lines.append("| kvpress | " + " | ".join(str(x) for x in b["kvpress"]) + " |")
+        if "ours_in_eval_layer_slots" in b:
+            lines.append(f"| ours in the eval run (obs={b['ours_in_eval_observe']}, end of sample) | "
+                         + " | ".join(f"{x:.0f}" for x in b["ours_in_eval_layer_slots"]) + " |")
+        lines.append("")
+    return lines
 
 
 def write_json(results: dict, path: Path) -> None:

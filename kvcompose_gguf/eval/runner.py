@@ -23,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from . import kvpress_reference, scoring, tasks, texts
 from . import methods as _methods
-from . import scoring, tasks, texts
 
 DEFAULT_SYSTEM = "You are a helpful assistant. Answer the question about the text. Be brief."
 KVPRESS_RATIOS = (0.25, 0.5, 0.75, 0.9)
@@ -93,6 +93,11 @@ def settings(config: EvalConfig) -> list[Setting]:
         if not method.compresses:
             out.append(Setting(name, None, None))
             continue
+        if not method.observation_modes:  # observes its own way (the kvpress reference)
+            for ratio in config.ratios:
+                kv_budget_for_ratio(ratio)
+                out.append(Setting(name, ratio, None))
+            continue
         for mode in config.observe:
             if mode not in method.observation_modes:
                 raise ValueError(
@@ -114,7 +119,22 @@ def check_config(config: EvalConfig) -> list[Setting]:
         raise ValueError("context lengths must be at least 64 tokens")
     if {"kl", "chat_recall", "qa_facts"} & set(config.tasks):
         texts.long_text(config.long_text)  # fails now, not after an hour of other tasks
-    return settings(config)
+    grid = settings(config)
+    if any(kvpress_reference.is_reference(m) for m in config.methods):
+        special = [t for t in config.tasks if t in SPECIAL_TASKS]
+        if special:
+            raise ValueError(
+                f"the kvpress reference methods run the generated QA tasks only, not {', '.join(special)}"
+            )
+        from kvcompose_gguf import models
+
+        try:
+            model_path = models.model_path(config.model)
+        except models.ModelNotInstalledError:
+            model_path = None  # the command reports the missing model itself
+        if model_path is not None:
+            kvpress_reference.check_model(model_path)
+    return grid
 
 
 class _Progress:
@@ -182,7 +202,9 @@ class _Context:
         )
 
     def record(self, setting: Setting, llm, **fields) -> None:
-        usage = _methods.get_method(setting.method).kv_usage(llm)
+        method = _methods.get_method(setting.method)
+        usage = method.kv_usage(llm)
+        details = method.details(llm) if method.details is not None else {}
         self.records.append(
             {
                 "method": setting.method,
@@ -192,12 +214,15 @@ class _Context:
                 **fields,
                 **asdict(usage),
                 "layer_slots": list(usage.layer_slots),
+                **details,
             }
         )
 
 
-def _complete(llm, messages: list[dict], max_tokens: int) -> tuple[str, int]:
-    out = llm.create_chat_completion(messages=messages, temperature=0.0, max_tokens=max_tokens)
+def _complete(llm, messages: list[dict], max_tokens: int, question: str | None = None) -> tuple[str, int]:
+    """question: named for methods that compress the context before the question (question_apart)."""
+    extra = {} if question is None else {"question": question}
+    out = llm.create_chat_completion(messages=messages, temperature=0.0, max_tokens=max_tokens, **extra)
     return out["choices"][0]["message"]["content"] or "", int(out["usage"]["prompt_tokens"])
 
 
@@ -209,7 +234,8 @@ def _run_qa(ctx: _Context, setting: Setting, task: str, length: int) -> None:
     max_tokens = MAX_REPLY_TOKENS.get(task, DEFAULT_REPLY_TOKENS)
     longest = max(ctx.count_tokens(s.user_message()) for s in samples)
     n_ctx = _round_up(longest + ctx.count_tokens(config.system) + max_tokens + 64)
-    if _methods.get_method(setting.method).compresses:
+    method = _methods.get_method(setting.method)
+    if method.compresses:
         # kv_budget of the cells the full cache needs: every method holds the same memory.
         n_ctx = max(256, _round_up(int(n_ctx * setting.kv_budget), 64))
     llm = ctx.create(setting, n_ctx)
@@ -218,7 +244,8 @@ def _run_qa(ctx: _Context, setting: Setting, task: str, length: int) -> None:
             llm.reset()  # samples are independent: no prefix reuse across them
             start = time.monotonic()
             messages = [{"role": "system", "content": config.system}, {"role": "user", "content": sample.user_message()}]
-            reply, prompt_tokens = _complete(llm, messages, max_tokens)
+            reply, prompt_tokens = _complete(llm, messages, max_tokens,
+                                             sample.question if method.question_apart else None)
             ctx.record(
                 setting, llm, task=task, length=length, index=sample.index, metric="accuracy",
                 score=scoring.recall(reply, sample.answers), reply=reply, answers=list(sample.answers),
@@ -370,10 +397,11 @@ def run_eval(config: EvalConfig, progress: bool = True, command: str | None = No
                         _run_kl(ctx, setting, length)
                     else:
                         _run_qa(ctx, setting, task, length)
+        agreement = _agreement(ctx)
     finally:
         ctx.progress.close()
         tokenizer.close()
-    return {
+    results = {
         "meta": {
             "command": command if command is not None else " ".join(sys.argv),
             "date": started.strftime("%Y-%m-%d %H:%M UTC"),
@@ -388,6 +416,95 @@ def run_eval(config: EvalConfig, progress: bool = True, command: str | None = No
         "records": ctx.records,
         "summary": summarise(ctx.records),
     }
+    if agreement is not None:
+        results["agreement"] = agreement
+    return results
+
+
+def _mean_scores(records: list[dict], method: str) -> dict[tuple, float]:
+    groups: dict[tuple, list[float]] = {}
+    for r in records:
+        if r["method"] == method and r["metric"] == "accuracy":
+            groups.setdefault((r["ratio"], r["observe"], r["task"], r["length"]), []).append(r["score"])
+    return {key: float(np.mean(v)) for key, v in groups.items()}
+
+
+def _agreement(ctx: _Context) -> dict | None:
+    """Each of our methods against its kvpress counterpart on the same samples: accuracy per
+    task, and for KVCompose the per-layer budgets both choose on the first sample's context."""
+    config = ctx.config
+    prefix = kvpress_reference.PREFIX
+    pairs = [(m, prefix + m) for m in kvpress_reference.PRESSES if m in config.methods and prefix + m in config.methods]
+    if not pairs:
+        return None
+    accuracy = []
+    for ours, theirs in pairs:
+        reference = _mean_scores(ctx.records, theirs)
+        for (ratio, observe, task, length), score in _mean_scores(ctx.records, ours).items():
+            ref = reference.get((ratio, None, task, length))
+            if ref is None:
+                continue
+            accuracy.append({
+                "method": ours, "reference": theirs, "ratio": ratio, "observe": observe, "task": task,
+                "length": length, "accuracy": score, "reference_accuracy": ref,
+                "difference_points": round(100 * (score - ref), 1),
+                "ratio_to_reference": round(score / ref, 3) if ref > 0 else None,
+            })
+    budgets = []
+    if ("kvcompose", prefix + "kvcompose") in pairs:
+        budgets = _layer_budget_agreement(ctx)
+    return {
+        "note": (
+            "kvpress runs in transformers on the GGUF's Q4_1 weights dequantized to float32 (float32 KV), "
+            "llama.cpp on the quantized weights (f16 KV): replies can differ slightly without compression "
+            "(compare full with kvpress:full). kvpress compresses the context once, before the question; "
+            "our methods compress while the prompt is prefilled, in kv_budget of the full cache's cells, "
+            "observed by the question."
+        ),
+        "accuracy": accuracy,
+        "layer_budgets": budgets,
+    }
+
+
+def _layer_budget_agreement(ctx: _Context) -> list[dict]:
+    """Per-layer counts on the first sample of each task: kvpress's KVComposePress, ours with
+    kvpress's semantics (context observed by re-feeding it, compressed once), and what our
+    eval run held at the end of that sample."""
+    config = ctx.config
+    rows = []
+    for ratio in config.ratios:
+        for length in config.lengths:
+            for task in config.tasks:
+                if task in SPECIAL_TASKS:
+                    continue
+                theirs = next((r for r in ctx.records if r["method"] == "kvpress:kvcompose" and r["ratio"] == ratio
+                               and r["task"] == task and r["length"] == length and r["index"] == 0), None)
+                in_eval = next((r for r in ctx.records if r["method"] == "kvcompose" and r["ratio"] == ratio
+                                and r["task"] == task and r["length"] == length and r["index"] == 0), None)
+                if theirs is None:
+                    continue
+                options = {"filler_text": texts.long_text(config.long_text)} if task == "qa_facts" else {}
+                sample = tasks.generate(task, 1, length, seed=config.seed, count_tokens=ctx.count_tokens, **options)[0]
+                messages = [{"role": "system", "content": config.system},
+                            {"role": "user", "content": sample.user_message()}]
+                context, _ = kvpress_reference.split_prompt(ctx.tokenizer, messages, sample.question)
+                if len(context) != theirs["context_tokens"]:
+                    raise RuntimeError("the reference compressed another context than the first sample's")
+                ours = kvpress_reference.our_one_shot_counts(
+                    ctx.model_path, context, round(1.0 - ratio, 6), config.n_threads
+                )
+                row = {
+                    "ratio": ratio, "kv_budget": round(1.0 - ratio, 6), "task": task, "length": length, "index": 0,
+                    "context_tokens": len(context), "our_observation": ours["observe"],
+                    **kvpress_reference.layer_budget_comparison(
+                        ours["layer_counts"], theirs["compressed_layer_counts"], len(context)
+                    ),
+                }
+                if in_eval is not None:
+                    row["ours_in_eval_layer_slots"] = in_eval["layer_slots"]
+                    row["ours_in_eval_observe"] = in_eval["observe"]
+                rows.append(row)
+    return rows
 
 
 def summarise(records: list[dict]) -> list[dict]:

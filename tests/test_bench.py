@@ -1,0 +1,114 @@
+"""`kvcompose bench` end to end on a tiny model: the JSON's shape and its internal
+consistency (KV bytes = cells x the per-cell bytes the GGUF's metadata implies, counts
+against budgets, ratios against their own samples), never its timings."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from kvcompose_gguf import cli
+
+from tiny_models import TinyConfig, write_tiny_model
+
+N_CTX_TRAIN = 600
+
+
+@pytest.fixture(scope="module")
+def short_context_model(tmp_path_factory):
+    """The tiny llama with a 600-token training context, so that the bench must shorten a length."""
+    return write_tiny_model(tmp_path_factory.mktemp("bench") / "tiny-600.gguf", TinyConfig(n_ctx_train=N_CTX_TRAIN))
+
+
+def _f16_cell_bytes(config: TinyConfig) -> int:
+    """K and V of one cell over all layers, f16: from the model's shape alone."""
+    return config.n_layer * 2 * config.n_head_kv * config.head_dim * 2
+
+
+def test_quick_bench_writes_consistent_json(short_context_model, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    argv = ["bench", "--model", str(short_context_model), "--quick", "--threads", "1", "--lengths", "600",
+            "--out", str(out)]
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    report = json.loads(out.read_text())
+    assert json.loads(printed[: printed.rindex("}") + 1]) == report
+    assert report["command"] == "kvcompose " + " ".join(argv)
+    assert report["quick"] and report["repeats"] == 1 and report["decode_tokens"] == 8
+    config = TinyConfig(n_ctx_train=N_CTX_TRAIN)
+    n_layer, n_head_kv = config.n_layer, config.n_head_kv
+    cell_bytes = _f16_cell_bytes(config)
+    assert report["cell_bytes"] == cell_bytes
+    assert report["n_ctx_train"] == N_CTX_TRAIN
+
+    (row,) = report["lengths"]
+    # 600 requested; the window (32) and the decoded tokens (8) must stay below the training context
+    assert row["requested_tokens"] == 600 and row["logical_tokens"] == N_CTX_TRAIN - 32 - 8
+    length = row["logical_tokens"]
+    assert row["n_ctx"] >= 2 * length + 32 and row["n_ctx"] % 256 == 0
+    assert row["kv_buffer_bytes"] == row["n_ctx"] * cell_bytes
+
+    full = row["full_cache"]
+    assert full["cells_used"] == length
+    assert full["kv_bytes"] == length * cell_bytes
+    assert full["logical_entries"] == n_layer * n_head_kv * length
+
+    samples = row["samples"]
+    prefill = row["prefill"]
+    (off,), (on,) = samples["prefill_off"], samples["prefill_stats"]
+    assert prefill["off"] == {"wall_s": off[0], "cpu_s": off[1]} and min(off) > 0
+    assert prefill["stats_on"] == {"wall_s": on[0], "cpu_s": on[1]} and min(on) > 0
+    for i, clock in enumerate(("wall", "cpu")):
+        assert prefill["stats_overhead_pct"][clock] == pytest.approx(100 * (on[i] / off[i] - 1), abs=0.05)
+        assert prefill["tokens_per_s"][clock] == pytest.approx(length / off[i], rel=0.01)
+
+    (budget,) = row["budgets"]
+    assert budget["kv_budget"] == 0.5
+    counts = budget["layer_counts"]
+    assert len(counts) == n_layer
+    # one global budget over the layers: half of every layer's tokens in all
+    assert abs(sum(counts) - n_layer * length // 2) <= n_layer
+    # slots are compacted to the front: the widest layer sets the cells in use
+    assert budget["cells_used"] == max(counts)
+    assert budget["kv_bytes"] == budget["cells_used"] * cell_bytes
+    assert budget["logical_entries"] == n_head_kv * sum(counts)
+    assert budget["kv_bytes_free_after_compression"] == (row["n_ctx"] - budget["cells_used"]) * cell_bytes
+    assert budget["physical_bytes_freed"] == (length - budget["cells_used"]) * cell_bytes
+
+    window = budget["window_mode"]
+    (total,), (decode,), (full_decode,) = budget["samples"]["total"], budget["samples"]["decode"], samples["full_decode"]
+    for i, clock in enumerate(("wall_s", "cpu_s")):
+        parts = window["observe"][clock] + window["select"][clock] + window["compact"][clock]
+        assert 0 < parts <= window["total"][clock] + 1e-3
+        assert window["total"][clock] == total[i]
+    for i, clock in enumerate(("wall", "cpu")):
+        assert window["overhead_pct_of_prefill"][clock] == pytest.approx(100 * total[i] / off[i], rel=0.01)
+        assert budget["decode_speedup_vs_full"][clock] == pytest.approx(full_decode[i] / decode[i], rel=0.01)
+        assert budget["decode_tokens_per_s"][clock] == pytest.approx(8 / decode[i], rel=0.01)
+        assert report["target_met"][clock] == (window["overhead_pct_of_prefill"][clock] <= 10.0)
+
+    compaction = budget["compaction"]
+    assert compaction["bytes_moved"] == sum(counts) * cell_bytes // n_layer
+    assert compaction["compact_s"] == pytest.approx(window["compact"]["wall_s"], abs=1e-5)
+    assert compaction["ratio_to_copy"] == pytest.approx(compaction["compact_s"] / compaction["plain_copy_s"], rel=0.01)
+    assert compaction["bytes_per_s"] == pytest.approx(compaction["bytes_moved"] / compaction["compact_s"], rel=0.01)
+
+    repeat = row["repeat_mode"]
+    assert repeat["kv_budget"] == 0.5 and repeat["observation"].startswith("repeat")
+    assert repeat["ratio_to_window_mode"]["wall"] == pytest.approx(repeat["total"]["wall_s"] / total[0], rel=0.01)
+    # re-feeding the whole context observes many more queries than the window
+    assert repeat["observe"]["cpu_s"] > window["observe"]["cpu_s"]
+
+    memory = row["memory"]
+    assert 0 < memory["rss_before_context_bytes"] <= memory["peak_rss_bytes_so_far"]
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [(["--budgets", "1.5"], "fractions kept"), (["--lengths", "10"], "at least 64"), (["--policy", "nope"], "unknown policy")],
+)
+def test_bench_refuses_bad_options_in_one_line(tiny_model_path, options, message, capsys):
+    assert cli.main(["bench", "--model", str(tiny_model_path), "--quick", *options]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err

@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .eval.command import add_eval_parser
 
     add_eval_parser(sub)
+    from .bench.end_to_end import add_bench_parser
+
+    add_bench_parser(sub)
     return parser
 
 
@@ -209,25 +212,14 @@ def sparkline(values: list) -> str:
 
 
 def kv_bytes_allocated(llm) -> int:
-    """Bytes of the K and V tensors llama.cpp allocated for n_ctx cells (every layer holds every cell)."""
-    import llama_cpp
+    """Bytes of the K and V tensors llama.cpp allocated: n_ctx cells times llama.cpp's own
+    per-cell size over the layers of the cache, plus an iSWA model's sliding-window cache."""
+    from .compactor import Compactor
 
-    model = llm._model.model
-    n_layer = llama_cpp.llama_model_n_layer(model)
-    n_embd_kv = llama_cpp.llama_model_n_head_kv(model) * (
-        llama_cpp.llama_model_n_embd(model) // llama_cpp.llama_model_n_head(model)
-    )
-    type_k = llm.context_params.type_k
-    type_v = llm.context_params.type_v
-    row = _row_bytes(type_k, n_embd_kv) + _row_bytes(type_v, n_embd_kv)
-    return n_layer * llm.n_ctx() * row
-
-
-def _row_bytes(ggml_type: int, n: int) -> int:
-    import gguf  # type sizes: (elements per block, bytes per block)
-
-    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(ggml_type)]
-    return n // block * size
+    kv = getattr(llm, "_kv", None)
+    compactor = kv.compactor if kv is not None else Compactor(llm)
+    swa = compactor.swa_cache(0)
+    return llm.n_ctx() * compactor.cell_bytes() + (swa.bytes if swa is not None else 0)
 
 
 @dataclass
@@ -630,6 +622,10 @@ def main(argv: list[str] | None = None) -> int:
             from .eval.command import run_eval_command
 
             return run_eval_command(args, argv)
+        if args.command == "bench":
+            from .bench.end_to_end import run_bench_command
+
+            return run_bench_command(args, argv)
         if args.command == "serve":
             return run_serve(args)
         return run_chat(args)

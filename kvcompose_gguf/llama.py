@@ -28,9 +28,10 @@ import llama_cpp
 
 from . import native  # noqa: F401  (the package import checks the patched library)
 from . import state as kv_state
+from . import support
 from .compactor import CompactionResult, Compactor, SlotTable
 from .policies import Policy, get_policy, protect_positions
-from .stats import AttentionObserver, broadcast_positions, cell_positions
+from .stats import AttentionObserver, broadcast_positions, cell_positions, layers_only
 
 logger = logging.getLogger("kvcompose_gguf")
 
@@ -45,9 +46,11 @@ class CompressionSettings:
     kv_budget: fraction of the sequence's cells kept per compression, in (0, 1],
         or an int number of cells.
     observe: "window" (re-feed the last `window` tokens as observing queries),
-        "repeat" (re-feed the whole context, the reference's mode; needs twice the
-        cells, otherwise it falls back to "window" and logs why), or any other string:
-        a task prompt whose tokens are the observing queries.
+        "repeat" (re-feed the whole logical history, the reference's mode, plus the
+        end of a long prompt's unread part; in pieces of the free cells when it does
+        not fit at once, so it costs about one more prefill of the history per
+        compression), or any other string: a task prompt whose tokens are the
+        observing queries.
     window: observing queries in window mode.
     protect_prefix: the first tokens of the history are never dropped: an int, or "system":
         the tokens of the leading system message of the last `create_chat_completion`
@@ -110,9 +113,28 @@ class KVCompression:
     records: list[CompressionRecord] = field(default_factory=list)
     positions: "CachePositions" = field(init=False)
     system_tokens: list[int] = field(default_factory=list)  # the leading system message, for protect_prefix="system"
+    max_decode: int = field(init=False)  # most tokens one llama_decode may carry
 
     def __post_init__(self) -> None:
         self.positions = CachePositions(self)
+        self.max_decode = self._max_decode()
+
+    def _max_decode(self) -> int:
+        """n_batch; less on an iSWA model, whose sliding-window cache (never compressed) keeps
+        the last window - 1 tokens for the next one and takes new tokens only in its other
+        cells. The observing queries must fit in one call, or they would push tokens still in
+        the window out of that cache."""
+        swa = self.compactor.swa_cache(SEQ_ID)
+        if swa is None:
+            return self.llm.n_batch
+        room = swa.n_cells - (swa.window - 1)
+        if room < self.probe_reserve() + 1:
+            raise ValueError(
+                f"the sliding-window cache holds {swa.n_cells} cells, but the window of {swa.window} tokens plus "
+                f"{self.probe_reserve()} observing queries and a new token need {swa.window + self.probe_reserve()}: "
+                f"raise n_ctx to at least {swa.window + self.probe_reserve()} (and keep swa_full=True)"
+            )
+        return min(self.llm.n_batch, room)
 
     def protected_prefix(self) -> int:
         """Logical tokens at the start of the history that compression must keep."""
@@ -204,14 +226,12 @@ class KVCompression:
     def _probe(self, upcoming: list[int], observe: str) -> tuple[list[int], str]:
         """The observing queries, and the mode that chose them."""
         llm, s = self.llm, self.settings
-        n = llm.n_tokens
-        history = [int(t) for t in llm.input_ids[:n]]
+        history = [int(t) for t in llm.input_ids[: llm.n_tokens]]
         if observe == "repeat":
-            free = llm.n_ctx() - self.cells_used()
-            if n <= free:
-                return history, "repeat"
-            logger.info("repeat observation needs %d free cells, %d are free: observing a window instead", n, free)
-        elif observe != "window":
+            # the whole logical history again, dropped tokens included, then the end of a
+            # long prompt's unread part (usually the question)
+            return history + upcoming[-s.window :], "repeat"
+        if observe != "window":
             return llm.tokenize(observe.encode(), add_bos=False, special=False), "prompt"
         return (history + upcoming)[-s.window :], "window"
 
@@ -219,7 +239,9 @@ class KVCompression:
         """Attention statistics of the cached tokens, and the observation mode used.
 
         The observing queries are decoded after the history, read, and removed: the
-        cached cells, composite slots included, are never touched.
+        cached cells, composite slots included, are never touched. Queries that do not
+        fit in the free cells are decoded in pieces, each removed before the next; the
+        statistics accumulate over the pieces.
         """
         llm, policy = self.llm, self.settings.policy
         probe, mode = self._probe(upcoming, observe)
@@ -232,12 +254,19 @@ class KVCompression:
             query_reduce="max" if last_only else policy.query_reduction,
             head_reduce=policy.group_reduction,
         )
+        # llama.cpp continues a sequence at its next position, so every piece starts at n;
+        # one decode call per piece keeps an iSWA window cache from evicting history
+        piece = max(1, min(llm.n_ctx() - self.cells_used(), self.max_decode))
         with observer:
-            llm._decode_at(probe, n)
+            for start in range(0, len(probe), piece):
+                llm._decode_at(probe[start : start + piece], n)
+                llm._ctx.kv_cache_seq_rm(SEQ_ID, self.positions.cache(n), -1)
             observation = observer.observation(positions=self.logical_positions())
-        llm._ctx.kv_cache_seq_rm(SEQ_ID, self.positions.cache(n), -1)
         llm._requires_eval = True  # the logits are the probe's
-        return _without_positions_from(observation, n), mode
+        pieces = -(-len(probe) // piece)
+        # the policy allocates over the compacted layers only (an iSWA model's global layers)
+        observation = _without_positions_from(layers_only(observation, self.compactor.layers), n)
+        return observation, mode if pieces == 1 else f"{mode} in {pieces} pieces"
 
     def logical_positions(self) -> np.ndarray:
         """Original (logical) position per (layer, KV head, cell) of the stream, -1 where empty.
@@ -333,7 +362,9 @@ class CachePositions:
         return self.kv.llm._model.n_ctx_train()
 
     def can_shift(self) -> bool:
-        return bool(llama_cpp.llama_memory_can_shift(self._memory()))
+        # an iSWA model's sliding-window cache holds recent tokens the compressed cache may have
+        # dropped; a rebase moves only the compressed cache's positions and would strand them
+        return bool(llama_cpp.llama_memory_can_shift(self._memory())) and self.kv.compactor.swa_cache(SEQ_ID) is None
 
     def cache(self, logical: int) -> int:
         return logical - self.offset
@@ -447,7 +478,14 @@ class Llama(llama_cpp.Llama):
         super().__init__(*args, **kwargs)
         self._kv: KVCompression | None = None
         if settings is not None:
-            self._kv = KVCompression(self, settings, Compactor(self))
+            try:
+                support.check_model(self._model.model)
+                support.check_context(self, SEQ_ID)
+                support.check_fits(settings.window, settings.kv_budget, self.n_ctx())
+                self._kv = KVCompression(self, settings, Compactor(self))
+            except (support.UnsupportedModelError, ValueError):
+                self.close()
+                raise
             # The logical history may outgrow n_ctx and, when positions can be rebased,
             # the model's training context; completions check prompts against _n_ctx.
             limit = kv_max_history if self._kv.positions.can_shift() else self._model.n_ctx_train()
@@ -496,8 +534,8 @@ class Llama(llama_cpp.Llama):
     def _decode_at(self, tokens: Sequence[int], first_position: int) -> None:
         """Decode `tokens` at logical positions first_position.. (logits for the last one)."""
         first_cache = self._kv.positions.cache(first_position)
-        for i in range(0, len(tokens), self.n_batch):
-            batch = tokens[i : i + self.n_batch]
+        for i in range(0, len(tokens), self._kv.max_decode):
+            batch = tokens[i : i + self._kv.max_decode]
             self._batch.set_batch(batch=batch, n_past=first_cache + i, logits_all=False)
             self._ctx.decode(self._batch)
 
@@ -575,11 +613,19 @@ class Llama(llama_cpp.Llama):
         kv_bytes_free: K/V bytes of the cells free for new tokens now;
         physical_bytes_freed: bytes of the cells all compressions so far released (cumulative);
         logical_entries_dropped: (layer, KV head, token) rows compressions dropped (cumulative).
+
+        What is compressed: the cells of `compressed_layers` (every layer, or on a sliding-window
+        model such as Gemma-3 its global-attention layers); `cells_used`, `n_ctx`, the byte
+        figures and `layer_budgets` (one per compressed layer) are those layers' cache only.
+        `swa_cache` (None without one) is the sliding-window layers' cache, never compressed:
+        llama.cpp reuses its cells once they leave the window; its layers, cells, the cells the
+        sequence holds there, the window and its bytes.
         """
         cells = self._kv.cells_used() if self._kv else self.n_tokens
         records = self._kv.records if self._kv else []
         last = records[-1] if records else None
         cell_bytes = self._kv.compactor.cell_bytes() if self._kv else None
+        swa = self._kv.compactor.swa_cache(SEQ_ID) if self._kv else None
         return {
             "logical_tokens": int(self.n_tokens),
             "cells_used": int(cells),
@@ -593,6 +639,11 @@ class Llama(llama_cpp.Llama):
             "logical_entries_dropped": sum(r.result.logical_entries_dropped for r in records),
             "layer_budgets": last.layer_counts.tolist() if last else None,
             "protected_prefix": self._kv.protected_prefix() if self._kv else 0,
+            "compressed_layers": np.flatnonzero(self._kv.compactor.layers).tolist() if self._kv else None,
+            "swa_cache": None if swa is None else {
+                "layers": swa.layers.tolist(), "cells": swa.n_cells, "cells_used": swa.n_seq_cells,
+                "window": swa.window, "bytes": swa.bytes,
+            },
         }
 
     def format_kv_stats(self) -> str:
@@ -607,10 +658,22 @@ class Llama(llama_cpp.Llama):
         ]
         if self._kv is None:
             return "\n".join(lines)
+        swa = stats["swa_cache"]
+        if swa is not None:
+            lines.append(
+                f"compressed: the global-attention layers' cache ({len(stats['compressed_layers'])} layers, the figures "
+                f"above) | not compressed: the sliding-window cache ({len(swa['layers'])} layers, window "
+                f"{swa['window']}, {swa['cells_used']} of {swa['cells']} cells, {swa['bytes']} bytes)"
+            )
         attended = self._kv.compactor.cells_owned(SEQ_ID)
-        budgets = stats["layer_budgets"] or [None] * len(attended)
+        compressed = stats["compressed_layers"]
+        budgets = dict(zip(compressed, stats["layer_budgets"] or [None] * len(compressed)))
         lines.append("layer | slots kept at last compression | cells attended now")
-        for layer, (kept, now) in enumerate(zip(budgets, attended.tolist())):
+        for layer, now in enumerate(attended.tolist()):
+            if layer not in budgets:
+                lines.append(f"{layer:5d} | {'sliding window: not compressed':>30} | {'-':>18}")
+                continue
+            kept = budgets[layer]
             lines.append(f"{layer:5d} | {'-' if kept is None else kept:>30} | {now:>18}")
         return "\n".join(lines)
 

@@ -1,6 +1,6 @@
 """Model-level measurements of `kvcompose_gguf.Llama` on the default model (SmolLM2-135M).
 
-    python scripts/llama_measure.py passkey --samples 8
+    python scripts/llama_measure.py passkey --samples 8 [--observe repeat] [--seed0 0]
     python scripts/llama_measure.py chat --samples 6
 
 passkey: a needle (eval.tasks.niah) in a ~1.5k-token prompt at n_ctx 768. Stock
@@ -28,12 +28,12 @@ SYSTEM = "You are a helpful assistant. Answer briefly."
 CHAT_CTX = 512  # the chat is 4x this long, whatever n_ctx the run uses
 
 
-def _llama(policy: str | None, n_ctx: int) -> llama_cpp.Llama:
+def _llama(policy: str | None, n_ctx: int, observe: str = "window") -> llama_cpp.Llama:
     kwargs = dict(model_path=str(models.smollm2_path()), n_ctx=n_ctx, n_batch=256, flash_attn=True, seed=0,
                   verbose=False, n_threads=2)
     if policy is None:
         return llama_cpp.Llama(**kwargs)
-    return Llama(kv_compress=policy, **kwargs)
+    return Llama(kv_compress=policy, kv_observe=observe, **kwargs)
 
 
 def _reply(llm, messages, max_tokens: int) -> str:
@@ -71,6 +71,8 @@ def main(argv=None) -> int:
     parser.add_argument("task", choices=["passkey", "chat"])
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--policies", default="stock,kvcompose,streaming")
+    parser.add_argument("--observe", default="window", help="kv_observe of the compressing policies")
+    parser.add_argument("--seed0", type=int, default=0, help="first seed")
     parser.add_argument("--n-ctx", type=int, default=None, help="default 768 (passkey), 512 (chat); "
                         "a larger one with --policies stock gives the full-cache reference")
     args = parser.parse_args(argv)
@@ -80,14 +82,16 @@ def main(argv=None) -> int:
     for name in args.policies.split(","):
         policy = None if name == "stock" else name
         correct = 0
-        for seed in range(args.samples):
-            llm = _llama(policy, n_ctx)
+        for seed in range(args.seed0, args.seed0 + args.samples):
+            t0 = time.time()
+            llm = _llama(policy, n_ctx, args.observe)
             row = passkey(llm, seed) if args.task == "passkey" else chat(llm, seed, n_ctx)
             llm.close()
             correct += row["correct"]
-            print(json.dumps({"task": args.task, "policy": name, **row}, default=str), flush=True)
+            row["seconds"] = round(time.time() - t0, 1)
+            print(json.dumps({"task": args.task, "policy": name, "observe": args.observe, **row}, default=str), flush=True)
         summary[name] = f"{correct}/{args.samples}"
-    print(json.dumps({"summary": summary, "task": args.task, "n_ctx": n_ctx, "seconds": round(time.time() - start),
+    print(json.dumps({"summary": summary, "task": args.task, "observe": args.observe, "n_ctx": n_ctx, "seconds": round(time.time() - start),
                       "machine": platform.platform(), "python": sys.version.split()[0]}))
     return 0
 

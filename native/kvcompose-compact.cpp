@@ -90,6 +90,23 @@ uint64_t cache_cell_bytes(const llama_kv_cache & kv) {
     return total;
 }
 
+// the cells of seq_id in ascending order: the first `capacity` written out, all counted
+int32_t list_seq_cells(const llama_kv_cells & cells, llama_seq_id seq_id, int32_t capacity,
+        int32_t * cells_out, llama_pos * positions_out) {
+    int32_t n = 0;
+    for (uint32_t c = 0; c < cells.size(); ++c) {
+        if (cells.is_empty(c) || !cells.seq_has(c, seq_id)) {
+            continue;
+        }
+        if (n < capacity) {
+            cells_out[n]     = (int32_t) c;
+            positions_out[n] = cells.pos_get(c);
+        }
+        ++n;
+    }
+    return n;
+}
+
 // whether model layer il has its K/V in this cache
 bool holds_layer(const llama_kv_cache & kv, int32_t il) {
     return access::layer_index(kv, il) >= 0;
@@ -426,9 +443,16 @@ ggml_tensor * new_index(ggml_context * ctx, size_t n) {
 // The gather's cost is the latency of its scattered reads, not bandwidth. On a CPU, copying
 // the source cells first (a sequential read the prefetcher streams) and gathering from that
 // copy while the caches still hold it took less than half the time of the scattered gather
-// alone. A device hides the latency with parallelism and skips the copy.
+// alone. A device hides the latency with parallelism and skips the copy. Only the CPU
+// backend qualifies, not any host-visible buffer: the in-place gather that staging allows
+// relies on nodes running one after another in graph order, which a GPU backend sharing
+// host memory (Metal, integrated GPUs) does not promise.
 bool stage_sources(const ggml_tensor * cache) {
-    return cache->buffer != nullptr && ggml_backend_buffer_is_host(cache->buffer);
+    if (cache->buffer == nullptr || !ggml_backend_buffer_is_host(cache->buffer)) {
+        return false;
+    }
+    ggml_backend_dev_t dev = ggml_backend_buft_get_device(ggml_backend_buffer_get_type(cache->buffer));
+    return dev != nullptr && ggml_backend_dev_type(dev) == GGML_BACKEND_DEVICE_TYPE_CPU;
 }
 
 // cells [lo, hi) of rows [units, kv_size], copied when staged
@@ -824,18 +848,7 @@ int32_t llama_kvcompose_seq_cells(
         return LLAMA_KVCOMPOSE_ERR_ARGUMENT;
     }
     const auto & cells = access::cells(*kv, access::stream_of(*kv, seq_id));
-    int32_t n = 0;
-    for (uint32_t c = 0; c < cells.size(); ++c) {
-        if (cells.is_empty(c) || !cells.seq_has(c, seq_id)) {
-            continue;
-        }
-        if (n < capacity) {
-            cells_out[n]     = (int32_t) c;
-            positions_out[n] = cells.pos_get(c);
-        }
-        ++n;
-    }
-    *n_cells = n;
+    *n_cells = list_seq_cells(cells, seq_id, capacity, cells_out, positions_out);
     if (n_kv_used != nullptr) {
         *n_kv_used = (int32_t) cells.used_max_p1();
     }
@@ -896,9 +909,7 @@ int32_t llama_kvcompose_swa_cache_info(
     if (swa != nullptr) {
         const auto & cells = access::cells(*swa, access::stream_of(*swa, seq_id));
         size = (int32_t) cells.size();
-        for (uint32_t c = 0; c < cells.size(); ++c) {
-            held += !cells.is_empty(c) && cells.seq_has(c, seq_id) ? 1 : 0;
-        }
+        held = list_seq_cells(cells, seq_id, 0, nullptr, nullptr);
     }
     if (n_cells != nullptr)     { *n_cells     = size; }
     if (n_seq_cells != nullptr) { *n_seq_cells = held; }

@@ -30,7 +30,7 @@ from . import native  # noqa: F401  (the package import checks the patched libra
 from . import state as kv_state
 from . import support
 from .compactor import CompactionResult, Compactor, SlotTable
-from .policies import Policy, get_policy, protect_positions
+from .policies import Observation, Policy, get_policy, protect_positions
 from .stats import AttentionObserver, broadcast_positions, cell_positions, layers_only
 
 logger = logging.getLogger("kvcompose_gguf")
@@ -244,8 +244,12 @@ class KVCompression:
         statistics accumulate over the pieces.
         """
         llm, policy = self.llm, self.settings.policy
-        probe, mode = self._probe(upcoming, observe)
         n = llm.n_tokens
+        if not policy.needs_attention:  # it reads positions only: nothing to decode
+            positions = self.logical_positions()
+            observation = Observation(scores=np.zeros(positions.shape, np.float32), positions=positions)
+            return _without_positions_from(layers_only(observation, self.compactor.layers), n), "positions"
+        probe, mode = self._probe(upcoming, observe)
         last_only = policy.query_reduction == "last"
         observer = AttentionObserver(
             llm,
@@ -428,8 +432,6 @@ class CachePositions:
 
 def _without_positions_from(observation, first: int):
     """The observation restricted to positions < first (probe tokens removed)."""
-    from .policies import Observation
-
     positions = np.where(observation.positions >= first, -1, observation.positions)
     scores = np.where(positions >= 0, observation.scores, 0).astype(np.float32)
     return Observation(scores=scores, positions=positions.astype(np.int32), value_norms=observation.value_norms)

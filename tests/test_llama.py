@@ -167,6 +167,18 @@ def test_observation_modes(tiny_model_path, observe, n_ctx, mode):
     assert llm.kv_stats()["logical_tokens"] == 151
 
 
+def test_position_only_policies_decode_no_observing_queries(tiny_model_path):
+    llm = _compressing(tiny_model_path, kv_compress="streaming", n_ctx=256, kv_observe="repeat", kv_protect_recent=8)
+    llm.eval(llm.tokenize(LONG_TEXT.encode())[:150])
+    record = llm.compress(kv_budget=0.5)
+    assert record.observe == "positions"
+    # StreamingLLM's definition: 4 sinks and the newest tokens, int(150 * 0.5) in all
+    expected = set(range(4)) | set(range(150 - 71, 150))
+    held = llm._kv.logical_positions()
+    for layer_head in held.reshape(-1, held.shape[-1]):
+        assert set(layer_head[layer_head >= 0].tolist()) == expected
+
+
 def test_repeat_in_pieces_is_the_max_over_separately_observed_pieces(tmp_path):
     """Reference: each piece re-fed alone under its own observer, then removed; the
     max-over-queries scores of the pieces' union are their element-wise max. (One query

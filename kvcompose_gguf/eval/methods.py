@@ -111,15 +111,22 @@ FULL = Method(
 )
 
 def compressed_kv_usage(llm) -> KvUsage:
-    """A compressed cache: cells in use, and per layer the cells it still attends to."""
+    """A compressed cache: cells in use, and per layer the cells it still attends to; on an
+    iSWA model its sliding-window layers count the cells they hold in their own cache."""
     import llama_cpp
 
     stats = llm.kv_stats()
-    owned = llm._kv.compactor.cells_owned(0)
+    compactor = llm._kv.compactor
+    owned = compactor.cells_owned(0)
+    physical = stats["cells_used"] * compactor.cell_bytes()
+    swa = compactor.swa_cache(0)
+    if swa is not None:  # an iSWA model's sliding-window layers: their own cache, never compressed
+        owned[swa.layers] = swa.n_seq_cells
+        physical += swa.n_seq_cells * swa.cell_bytes
     n_head_kv = llama_cpp.llama_model_n_head_kv(llm._model.model)
     return KvUsage(
         cells_used=stats["cells_used"],
-        physical_bytes=stats["cells_used"] * llm._kv.compactor.cell_bytes(),
+        physical_bytes=physical,
         logical_entries=n_head_kv * int(owned.sum()),
         layer_slots=tuple(int(x) for x in owned),
     )

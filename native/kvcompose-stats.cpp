@@ -368,7 +368,7 @@ int32_t llama_kvcompose_stats_begin(llama_context * ctx, const llama_kvcompose_s
         return LLAMA_KVCOMPOSE_ERR_UNSUPPORTED;
     }
     if (params->seq_id < 0 || (uint32_t) params->seq_id >= kv->get_n_seq_max()) {
-        return LLAMA_KVCOMPOSE_ERR_SEQUENCE;
+        return LLAMA_KVCOMPOSE_ERR_ARGUMENT;
     }
     const llama_hparams & hparams = model.hparams;
     const uint32_t n_layer = hparams.n_layer();
@@ -529,7 +529,7 @@ static int32_t seq_stream_cells(llama_context * ctx, llama_seq_id seq_id, const 
         return LLAMA_KVCOMPOSE_ERR_UNSUPPORTED;
     }
     if (seq_id < 0 || (uint32_t) seq_id >= kv->get_n_seq_max()) {
-        return LLAMA_KVCOMPOSE_ERR_SEQUENCE;
+        return LLAMA_KVCOMPOSE_ERR_ARGUMENT;
     }
     *cells = &kv->get_cells(seq_id);
     return LLAMA_KVCOMPOSE_OK;

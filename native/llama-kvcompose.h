@@ -19,7 +19,7 @@ extern "C" {
 
 enum llama_kvcompose_status {
     LLAMA_KVCOMPOSE_OK              =  0,
-    LLAMA_KVCOMPOSE_ERR_ARGUMENT    = -1, // null pointer, bad size or flag
+    LLAMA_KVCOMPOSE_ERR_ARGUMENT    = -1, // null pointer, bad size, flag or sequence id
     LLAMA_KVCOMPOSE_ERR_UNSUPPORTED = -2, // memory type, cache type or model not handled
     LLAMA_KVCOMPOSE_ERR_RANGE       = -3, // an index or count outside the valid range
     LLAMA_KVCOMPOSE_ERR_SEQUENCE    = -4, // a cell that does not belong to the sequence

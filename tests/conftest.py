@@ -11,25 +11,24 @@ def tiny_model_path(tmp_path_factory):
     return write_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama.gguf", TinyConfig())
 
 
-@pytest.fixture(scope="session")
-def default_model_path():
+def _installed(find, what: str):
     from kvcompose_gguf import models
 
     try:
-        return models.smollm2_path()
+        return find(models)
     except models.ModelNotInstalledError as exc:
-        pytest.skip(f"default model not installed: {exc}")
+        pytest.skip(f"{what} not installed: {exc}")
+
+
+@pytest.fixture(scope="session")
+def default_model_path():
+    return _installed(lambda models: models.smollm2_path(), "default model")
 
 
 @pytest.fixture(scope="session")
 def gemma3_path():
     """Gemma-3-270M, the sliding-window (iSWA) model."""
-    from kvcompose_gguf import models
-
-    try:
-        return models.gemma3_path()
-    except models.ModelNotInstalledError as exc:
-        pytest.skip(f"sliding-window model not installed: {exc}")
+    return _installed(lambda models: models.gemma3_path(), "sliding-window model")
 
 
 @pytest.fixture

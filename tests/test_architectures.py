@@ -21,7 +21,7 @@ from tiny_models import TinyConfig, write_tiny_model
 from kvcompose_gguf import native, support
 from kvcompose_gguf.compactor import Compactor
 from kvcompose_gguf.llama import Llama
-from llama_helpers import compressing as _compressing, last_logits as _last_logits
+from llama_helpers import compressing as _compressing, last_logits as _last_logits, stock as _stock, threads
 
 LONG_TEXT = "The quick brown fox jumps over the lazy dog. " * 18  # ~830 byte tokens
 
@@ -44,7 +44,6 @@ def arch_paths(tmp_path_factory):
     return {name: write_tiny_model(root / f"tiny-{name}.gguf", cfg) for name, cfg in configs.items()}
 
 
-ONE_THREAD = dict(n_threads=1, n_threads_batch=1)  # two shared cores: spinning workers only stall
 
 
 @pytest.mark.parametrize("arch", SUPPORTED)
@@ -78,7 +77,7 @@ def test_prompt_longer_than_n_ctx_is_compressed(arch_paths, arch):
 @pytest.mark.parametrize("arch", SUPPORTED)
 def test_budget_one_compression_changes_no_logits(arch_paths, arch):
     tokens = list(range(3, 103))
-    stock = llama_cpp.Llama(model_path=str(arch_paths[arch]), n_ctx=512, flash_attn=True, verbose=False, **ONE_THREAD)
+    stock = _stock(arch_paths[arch], n_ctx=512, flash_attn=True)
     stock.eval(tokens)
     stock.eval([42])
     ours = _compressing(arch_paths[arch], n_ctx=512, flash_attn=True)
@@ -117,7 +116,7 @@ def test_unsupported_architectures_are_refused_at_construction(arch_paths, arch)
         _compressing(arch_paths[arch], n_ctx=256)
     assert isinstance(err.value, NotImplementedError) and "kv_compress=None" in str(err.value)
     # without kv_compress it is stock llama.cpp and works
-    stock = Llama(model_path=str(arch_paths[arch]), n_ctx=256, verbose=False, **ONE_THREAD)
+    stock = Llama(model_path=str(arch_paths[arch]), n_ctx=256, verbose=False, **threads({}))
     assert stock("Hello", max_tokens=4, temperature=0)["usage"]["completion_tokens"] > 0
 
 

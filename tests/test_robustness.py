@@ -16,14 +16,12 @@ from __future__ import annotations
 
 import os
 
-import llama_cpp
 import numpy as np
 import pytest
 
-from llama_helpers import compressing as _compressing, last_logits as _last_logits
+from llama_helpers import compressing as _compressing, last_logits as _last_logits, stock as _stock
 
 LONG_TEXT = "The quick brown fox jumps over the lazy dog. " * 18  # ~830 byte tokens
-ONE_THREAD = dict(n_threads=1, n_threads_batch=1)  # two shared cores: spinning workers only stall
 
 
 # --- settings that can never fit n_ctx: refused at construction ---------------------------
@@ -53,7 +51,7 @@ def test_compressing_a_one_or_two_token_cache_keeps_every_token(tiny_model_path)
         llm.eval(tokens)
         record = llm.compress()
         assert record.result.cells_before == record.result.cells_after == n  # all of it is protected (recent)
-        stock = llama_cpp.Llama(model_path=str(tiny_model_path), n_ctx=128, verbose=False, **ONE_THREAD)
+        stock = _stock(tiny_model_path, n_ctx=128)
         stock.eval(tokens)  # the same batches on both sides: the same arithmetic
         stock.eval([42])
         llm.eval([42])
@@ -82,7 +80,7 @@ def test_a_protected_prefix_larger_than_n_ctx_names_it_and_the_context_recovers(
     assert llm.kv_stats()["cells_used"] <= 256
     # a prompt that fits afterwards is answered like on a fresh stock context
     ours = llm("A short prompt", max_tokens=8, temperature=0)["choices"][0]["text"]
-    stock = llama_cpp.Llama(model_path=str(tiny_model_path), n_ctx=256, n_batch=64, verbose=False, **ONE_THREAD)
+    stock = _stock(tiny_model_path, n_ctx=256, n_batch=64)
     assert ours == stock("A short prompt", max_tokens=8, temperature=0)["choices"][0]["text"]
 
 

@@ -285,3 +285,26 @@ def test_budget_one_compression_changes_no_logits_and_no_window_cell(gemma3_path
 def test_n_ctx_below_the_window_is_refused_with_the_fix(gemma3_path):
     with pytest.raises(ValueError, match="raise n_ctx to at least 544"):
         Llama(model_path=str(gemma3_path), kv_compress="kvcompose", n_ctx=512, n_threads=1, verbose=False)
+
+
+@pytest.mark.model
+@pytest.mark.gemma
+def test_kv_bytes_of_both_caches_agree_with_llama_cpp_buffer_report(gemma3_path, capfd):
+    """Reference: the K/V buffer sizes llama.cpp logs for its two caches (global layers and
+    sliding-window layers), each holding n_ctx cells."""
+    import re
+
+    from kvcompose_gguf import cli
+    from kvcompose_gguf.eval.methods import compressed_kv_usage
+
+    llm = Llama(model_path=str(gemma3_path), kv_compress="kvcompose", n_ctx=N_CTX_LLAMA, n_threads=1,
+                n_threads_batch=1, flash_attn=True, verbose=True)
+    reported = [float(x) * 2**20 for x in re.findall(r"KV buffer size\s*=\s*([0-9.]+) MiB", capfd.readouterr().err)]
+    assert len(reported) == 2, "llama.cpp logs one KV buffer per cache"
+    assert cli.kv_bytes_allocated(llm) == pytest.approx(sum(reported), abs=0.01 * 2**20)
+
+    tokens = llm.tokenize(b"The quick brown fox jumps over the lazy dog. " * 10)
+    llm.eval(tokens)  # no compression yet: both caches hold one cell per token
+    per_token = sum(reported) / N_CTX_LLAMA
+    assert compressed_kv_usage(llm).physical_bytes == pytest.approx(len(tokens) * per_token, rel=1e-3)
+    llm.close()

@@ -5,8 +5,10 @@
 
 passkey: a needle (eval.tasks.niah) in a ~1.5k-token prompt at n_ctx 768. Stock
 llama_cpp.Llama refuses the prompt; each policy answers from a compressed cache.
-chat: a multi-turn chat (eval.tasks.chat_recall) about 4x n_ctx long, the model's own
-replies in between; the last question recalls a fact of the first turn.
+chat: a multi-turn chat (eval.tasks.chat_recall, RULER's noise as filler turns) about
+4x n_ctx long, the model's own replies in between; the last question recalls the magic
+number of the first turn. For a compressing policy, each row also lists after every turn
+how many (layer, KV head) pairs still hold all tokens of the number (of 30 x 3).
 Prints one JSON object per policy and sample, then a summary line.
 """
 
@@ -19,6 +21,7 @@ import sys
 import time
 
 import llama_cpp
+import numpy as np
 
 from kvcompose_gguf import models
 from kvcompose_gguf.eval import tasks
@@ -57,13 +60,29 @@ def chat(llm, seed: int, n_ctx: int) -> dict:
     count = lambda text: len(llm.tokenize(text.encode(), add_bos=False))  # noqa: E731
     scenario = tasks.chat_recall(seed, 0, 4 * CHAT_CTX, count, n_turns=6)
     messages = [{"role": "system", "content": SYSTEM}]
+    retention = []
     for turn in scenario.turns:
         messages.append({"role": "user", "content": turn})
         messages.append({"role": "assistant", "content": _reply(llm, messages, 32)})
+        retention.append(_heads_holding(llm, scenario.answers[0]))
     messages.append({"role": "user", "content": scenario.question})
-    reply = _reply(llm, messages, 24)
-    return {"seed": seed, "correct": all(a in reply for a in scenario.answers), "reply": reply[:80],
-            "answers": scenario.answers, "logical_tokens": llm.n_tokens}
+    reply = _reply(llm, messages, 32)
+    row = {"seed": seed, "correct": all(a in reply for a in scenario.answers), "reply": reply[:80],
+           "answers": scenario.answers, "logical_tokens": llm.n_tokens}
+    if retention[0] is not None:
+        row["heads_holding_number_after_each_turn"] = retention
+    return row
+
+
+def _heads_holding(llm, number: str) -> int | None:
+    """(layer, KV head) pairs whose cache still holds every token of `number` (None: stock cache)."""
+    if getattr(llm, "_kv", None) is None:
+        return None
+    needle = llm.tokenize(f" {number}".encode(), add_bos=False)[-len(number):]
+    history = [int(t) for t in llm.input_ids[: llm.n_tokens]]
+    first = next(i for i in range(len(history)) if history[i : i + len(needle)] == needle)
+    held = np.isin(llm._kv.logical_positions(), np.arange(first, first + len(needle)))
+    return int((held.sum(axis=-1) == len(needle)).sum())
 
 
 def main(argv=None) -> int:

@@ -146,13 +146,14 @@ def test_qa_fact_depth_is_honoured():
     assert abs(before / haystack - 0.25) < 0.03
 
 
-def test_chat_recall_asks_for_the_code_given_in_the_first_turn():
-    filler = "Alpha beta gamma delta epsilon. " * 400
+@pytest.mark.parametrize("filler", ["Alpha beta gamma delta epsilon. " * 400, None])
+def test_chat_recall_asks_for_the_number_given_in_the_first_turn(filler):
     scenario = tasks.chat_recall(seed=0, index=1, target_tokens=600, filler_text=filler, n_turns=4)
-    code = re.search(r"locker code is (\d{4})", scenario.turns[0]).group(1)
-    assert scenario.answers == (code,)
+    key, number = re.search(r"magic number for ([\w-]+) is: (\d{7})\.", scenario.turns[0]).groups()
+    assert scenario.answers == (number,)
+    assert key in scenario.question and number not in scenario.question
     assert len(scenario.turns) == 5
-    assert all(code not in t for t in scenario.turns[1:])
+    assert all(number not in t and key not in t for t in scenario.turns[1:])
     total = sum(tasks.word_count(t) for t in scenario.turns[1:])
     assert 600 <= total <= 800
     assert scenario == tasks.chat_recall(seed=0, index=1, target_tokens=600, filler_text=filler, n_turns=4)

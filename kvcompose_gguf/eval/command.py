@@ -34,7 +34,7 @@ def add_eval_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="llama.cpp threads (default: llama-cpp-python's)")
     p.add_argument("--text", choices=sorted(texts.TEXT_SOURCES), default="python-docs",
-                   help="long real text: kl, and filler of qa_facts and chat_recall")
+                   help="long real text: kl, and filler of qa_facts")
     p.add_argument("--kl-tokens", type=int, default=64, help="continuation tokens scored by kl (default 64)")
     p.add_argument("--chat-turns", type=int, default=6, help="filler turns in chat_recall (default 6)")
     p.add_argument("--out", type=Path, default=Path("eval-results"), help="output folder (default ./eval-results)")

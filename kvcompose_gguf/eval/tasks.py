@@ -447,7 +447,7 @@ def _text_passage(text: str, n_tokens: int, meter: _LengthMeter, rng: random.Ran
 
 @dataclass(frozen=True)
 class ChatScenario:
-    """A conversation: facts in the first user turn, long filler turns, then a recall question.
+    """A conversation: a fact in the first user turn, long filler turns, then a recall question.
 
     The assistant's replies are the model's own (generated turn by turn), so a
     method that compresses between turns is tested the way a chat uses it."""
@@ -469,38 +469,41 @@ def chat_recall(
     filler_text: str | None = None,
     n_turns: int = 6,
 ) -> ChatScenario:
-    """First turn: a code and a pet's name to remember; then n_turns user turns of about
-    target_tokens / n_turns tokens each (passages of `filler_text`, noise if None) asking
-    for a one-line summary; last: the recall question about the code."""
+    """First turn: a magic number to remember; then n_turns user turns of about
+    target_tokens / n_turns tokens each (passages of `filler_text`, RULER's noise if None),
+    each asking for a plain "OK"; last: the recall question.
+
+    The form is the one SmolLM2-135M answers with a full cache (a needle's wording,
+    short replies); asking for summaries instead made it answer the recall question
+    with another summary (docs/RESULTS.md)."""
     rng = random.Random(f"chat/{seed}/{index}")
     meter = _LengthMeter(count_tokens)
-    code = str(rng.randint(1000, 9999))
-    pet = rng.choice(WORDS).capitalize()
-    facts = f"Please remember this: my locker code is {code} and my dog is called {pet}. Just say OK."
+    key = _distinct_keys(rng, 1)[0]
+    number = _magic_number(rng)
+    facts = f"Please remember this: the special magic number for {key} is: {number}. Reply with OK."
     per_turn = max(16, target_tokens // n_turns)
     turns = [facts]
     if filler_text:
         sentences = _sentences(filler_text)
         cursor = rng.randrange(max(1, len(sentences) - 1))
     for _ in range(n_turns):
-        passage: list[str] = []
-        total = 0
-        while total < per_turn:
-            if filler_text:
-                s = sentences[cursor % len(sentences)]
+        if filler_text:
+            passage: list[str] = []
+            total = 0
+            while total < per_turn:
+                passage.append(sentences[cursor % len(sentences)])
+                total += meter(passage[-1])
                 cursor += 1
-            else:
-                s = NOISE[len(passage) % len(NOISE)]
-            passage.append(s)
-            total += meter(s)
-        turns.append("Here is a passage:\n" + " ".join(passage) + "\nSummarise it in one sentence.")
+        else:
+            passage = _noise(per_turn, meter)
+        turns.append("Read this text:\n" + " ".join(passage) + "\nReply with OK.")
     return ChatScenario(
         task="chat_recall",
         index=index,
         turns=tuple(turns),
-        question="At the start I asked you to remember my locker code. What is my locker code?",
-        answers=(code,),
-        metadata={"pet": pet},
+        question=f"What is the special magic number for {key} that I asked you to remember?",
+        answers=(number,),
+        metadata={"key": key},
     )
 
 

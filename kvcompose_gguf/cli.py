@@ -1,4 +1,5 @@
-"""`kvcompose` command line: `kvcompose chat` (the interactive demo) and `kvcompose serve`.
+"""`kvcompose` command line: `kvcompose chat` (the interactive demo), `kvcompose serve` and
+`kvcompose calibrate` (plus `eval` and `bench`, in their packages).
 
 The chat keeps the whole conversation as a token history and streams each reply.
 After every reply a status line shows the conversation's logical length, the
@@ -53,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--max-tokens", type=int, default=256, help="longest reply in tokens")
     chat.add_argument("--json", action="store_true", help="print one JSON object of stats per turn (for scripts)")
     add_serve_parser(sub)
+    add_calibrate_parser(sub)
     from .eval.command import add_eval_parser
 
     add_eval_parser(sub)
@@ -117,6 +119,60 @@ def run_serve(args: argparse.Namespace) -> int:
     except (ValueError, TypeError, NotImplementedError) as exc:  # refused while loading the model
         raise CliError(f"could not start {Path(model).name}: {exc}") from None
     return 0
+
+
+def add_calibrate_parser(sub) -> None:
+    cal = sub.add_parser(
+        "calibrate", help="measure a model's per-layer KVCompose keep fractions and cache them",
+        description="Prefill seeded windows of text that ships with Python, observe each by re-feeding it, "
+        "select once with KVCompose, and cache the mean share of the window each layer keeps, per budget.",
+    )
+    cal.add_argument("model", nargs="?", default=None, help="GGUF path or known model name (default: smollm2-135m)")
+    cal.add_argument("--budgets", default="0.75,0.5,0.25,0.1", help="kv_budget fractions (default 0.75,0.5,0.25,0.1)")
+    cal.add_argument("--tokens", type=int, default=1024, help="tokens per window (default 1024)")
+    cal.add_argument("--windows", type=int, default=3, help="windows of text (default 3)")
+    cal.add_argument("--threads", type=int, default=None, help="llama.cpp threads")
+    cal.add_argument("--force", action="store_true", help="measure again even if a profile is cached")
+    cal.add_argument("--json", action="store_true", help="print the profiles as JSON")
+
+
+def run_calibrate(args: argparse.Namespace) -> int:
+    from . import models, profiles
+
+    try:
+        path = models.model_path(args.model)
+        budgets = tuple(_budget_fraction(b) for b in args.budgets.split(","))
+    except models.ModelNotInstalledError as exc:
+        raise CliError(str(exc)) from None
+    cached = None if args.force else profiles.load(path)
+    if cached is not None and set(budgets) <= set(cached):
+        result, where = {b: cached[b] for b in budgets}, f"cached: {profiles.profile_path(path)}"
+    else:
+        try:
+            result = profiles.calibrate(path, budgets, tokens=args.tokens, windows=args.windows,
+                                        n_threads=args.threads, progress=lambda m: print(m, file=sys.stderr))
+        except (ValueError, NotImplementedError) as exc:
+            raise CliError(f"cannot calibrate {path.name}: {exc}") from None
+        where = f"saved: {profiles.save(path, {**(cached or {}), **result}, text='python-docs', seed=0)}"
+    if args.json:
+        print(json.dumps({str(b): vars(p) for b, p in result.items()}, indent=1))
+    else:
+        print(f"{path.name}: share of the window each layer keeps (KVCompose, repeat observation)")
+        print("layer | " + " | ".join(f"kv_budget {b}" for b in budgets))
+        for layer in range(len(next(iter(result.values())).keep_fractions)):
+            print(f"{layer:5d} | " + " | ".join(f"{result[b].keep_fractions[layer]:.3f}" for b in budgets))
+    print(where, file=sys.stderr)
+    return 0
+
+
+def _budget_fraction(text: str) -> float:
+    try:
+        value = _budget(text)
+    except argparse.ArgumentTypeError as exc:
+        raise CliError(str(exc)) from None
+    if not isinstance(value, float):
+        raise CliError(f"calibration budgets are fractions in (0, 1], not {text!r}")
+    return value
 
 
 def _protect_prefix(text: str) -> int | str:
@@ -628,6 +684,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_bench_command(args, argv)
         if args.command == "serve":
             return run_serve(args)
+        if args.command == "calibrate":
+            return run_calibrate(args)
         return run_chat(args)
     except CliError as exc:
         print(f"kvcompose: error: {exc}", file=sys.stderr)

@@ -349,28 +349,6 @@ def method(name: str) -> Method:
 # --- agreement with our implementation --------------------------------------------------
 
 
-def our_one_shot_counts(model_path, context: list[int], kv_budget: float, n_threads: int | None) -> dict:
-    """Our KVCompose on the same context, with kvpress's semantics: prefill the context,
-    observe it by re-feeding it (repeat mode), compress once. Nothing protected but the
-    newest token (which our selections always keep)."""
-    from kvcompose_gguf.llama import Llama
-
-    n = len(context)
-    window = 32
-    n_ctx = -(-(2 * n + window + 64) // 256) * 256
-    # n_batch = n_ctx: the context is re-fed in one llama_decode call (one piece), so every
-    # re-fed query also sees the re-fed tokens before it, as in kvpress's forward pass
-    llm = Llama(model_path=str(model_path), n_ctx=n_ctx, n_batch=n_ctx, n_threads=n_threads, verbose=False,
-                kv_compress="kvcompose", kv_budget=kv_budget, kv_window=window,
-                kv_protect_prefix=0, kv_protect_recent=1)
-    try:
-        llm.eval(context)
-        record = llm.compress(kv_budget, observe="repeat")
-        return {"layer_counts": [int(x) for x in record.layer_counts], "observe": record.observe}
-    finally:
-        llm.close()
-
-
 def layer_budget_comparison(ours: list[int], theirs: list[int], n_context: int) -> dict:
     a, b = np.asarray(ours, dtype=float), np.asarray(theirs, dtype=float)
     diff = a - b

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import profiles
 from . import kvpress_reference, scoring, tasks, texts
 from . import methods as _methods
 
@@ -491,9 +492,7 @@ def _layer_budget_agreement(ctx: _Context) -> list[dict]:
                 context, _ = kvpress_reference.split_prompt(ctx.tokenizer, messages, sample.question)
                 if len(context) != theirs["context_tokens"]:
                     raise RuntimeError("the reference compressed another context than the first sample's")
-                ours = kvpress_reference.our_one_shot_counts(
-                    ctx.model_path, context, round(1.0 - ratio, 6), config.n_threads
-                )
+                ours = profiles.one_shot_layer_counts(ctx.model_path, context, round(1.0 - ratio, 6), config.n_threads)
                 row = {
                     "ratio": ratio, "kv_budget": round(1.0 - ratio, 6), "task": task, "length": length, "index": 0,
                     "context_tokens": len(context), "our_observation": ours["observe"],

@@ -153,7 +153,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
                                         n_threads=args.threads, progress=lambda m: print(m, file=sys.stderr))
         except (ValueError, NotImplementedError) as exc:
             raise CliError(f"cannot calibrate {path.name}: {exc}") from None
-        where = f"saved: {profiles.save(path, {**(cached or {}), **result}, text='python-docs', seed=0)}"
+        where = f"saved: {profiles.save(path, {**(cached or {}), **result})}"
     if args.json:
         print(json.dumps({str(b): vars(p) for b, p in result.items()}, indent=1))
     else:

@@ -35,6 +35,8 @@ class LayerProfile:
     spread: tuple[float, ...]  # standard deviation over the windows
     windows: int
     tokens: int
+    text: str  # an `eval.texts` name
+    seed: int
 
 
 def one_shot_layer_counts(model_path, context: Sequence[int], kv_budget: float, n_threads: int | None) -> dict:
@@ -110,6 +112,8 @@ def calibrate(
             spread=tuple(round(float(x), 5) for x in stacked.std(axis=0)),
             windows=len(contexts),
             tokens=tokens,
+            text=text,
+            seed=seed,
         )
     return profiles
 
@@ -133,15 +137,13 @@ def _text_windows(model_path, text: str, tokens: int, windows: int, seed: int) -
     return [[bos] + list(ids[s : s + tokens]) for s in starts]
 
 
-def save(model_path, profiles: dict[float, LayerProfile], *, text: str, seed: int) -> Path:
+def save(model_path, profiles: dict[float, LayerProfile]) -> Path:
     path = profile_path(model_path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "version": PROFILE_VERSION,
         "model_file": Path(model_path).name,
         "model_key": model_key(model_path),
-        "text": text,
-        "seed": seed,
         "observe": "repeat (one compression of the prefilled window)",
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "profiles": [asdict(p) for p in profiles.values()],

@@ -30,13 +30,13 @@ def test_the_global_allocation_keeps_the_budget_spread_over_layers(measured):
         # KVCompose spends one global budget: the layers' shares average to it (the newest
         # token, always kept, and rounding add at most a couple of slots per window)
         assert abs(shares.mean() - budget) <= 3 / (TOKENS + 1)
-        assert profile.windows == WINDOWS and profile.tokens == TOKENS
+        assert (profile.windows, profile.tokens, profile.text, profile.seed) == (WINDOWS, TOKENS, "python-docs", 0)
     assert np.all(np.asarray(measured[0.25].keep_fractions) <= np.asarray(measured[0.5].keep_fractions) + 1e-9)
 
 
 def test_profiles_are_cached_per_model_file(tiny_model_path, measured, cache_dir, tmp_path):
     assert profiles.load(tiny_model_path) is None
-    saved = profiles.save(tiny_model_path, measured, text="python-docs", seed=0)
+    saved = profiles.save(tiny_model_path, measured)
     assert saved.parent == cache_dir / "profiles"
     assert profiles.load(tiny_model_path) == measured
 

@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--n-ctx", type=int, default=2048, help="context size in cells (default 2048)")
     chat.add_argument("--budget", type=_budget, default=0.5, help="kv_budget: fraction of cells kept (0,1] or a cell count")
     chat.add_argument("--policy", default="kvcompose", help="compression policy (default kvcompose), 'none' for stock llama.cpp")
-    chat.add_argument("--observe", default="window", help="observation mode: window, repeat, or a task prompt")
+    chat.add_argument("--observe", default="window", help="observation mode: window, lookahead, repeat, or a task prompt")
     chat.add_argument("--n-gpu-layers", type=int, default=0)
     chat.add_argument("--flash-attn", action=argparse.BooleanOptionalAction, default=True)
     chat.add_argument("--cache-type-k", choices=CACHE_TYPES, default="f16")
@@ -76,7 +76,7 @@ def add_serve_parser(sub) -> None:
     serve.add_argument("--n-ctx", type=int, default=2048, help="context size in cells (default 2048)")
     serve.add_argument("--budget", type=_budget, default=0.5, help="kv_budget: fraction of cells kept (0,1] or a cell count")
     serve.add_argument("--policy", default="kvcompose", help="compression policy (default kvcompose), 'none' for stock llama.cpp")
-    serve.add_argument("--observe", default="window", help="observation mode: window, repeat, or a task prompt")
+    serve.add_argument("--observe", default="window", help="observation mode: window, lookahead, repeat, or a task prompt")
     serve.add_argument("--protect-prefix", type=_protect_prefix, default="system",
                        help="first tokens never dropped: a count, or 'system' (the system message; default)")
     serve.add_argument("--protect-recent", type=int, default=64, help="last tokens never dropped")

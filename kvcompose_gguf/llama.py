@@ -38,6 +38,10 @@ logger = logging.getLogger("kvcompose_gguf")
 SEQ_ID = 0  # llama-cpp-python decodes one sequence
 
 
+# Named observation modes (`CompressionSettings.observe`); any other string is a task prompt.
+OBSERVATION_MODES = ("window", "lookahead", "repeat")
+
+
 @dataclass(frozen=True)
 class CompressionSettings:
     """The keyword arguments `Llama` adds, validated once.
@@ -46,6 +50,10 @@ class CompressionSettings:
     kv_budget: fraction of the sequence's cells kept per compression, in (0, 1],
         or an int number of cells.
     observe: "window" (re-feed the last `window` tokens as observing queries),
+        "lookahead" (the window's queries, then those of the model's own greedy
+        continuation of up to `window` tokens, decoded one at a time and removed: the
+        queries that would answer a question at the end of a long prompt; about `window`
+        decode steps more than "window"; "window" on sliding-window models),
         "repeat" (re-feed the whole logical history, the reference's mode, plus the
         end of a long prompt's unread part; in pieces of the free cells when it does
         not fit at once, so it costs about one more prefill of the history per
@@ -64,6 +72,11 @@ class CompressionSettings:
     window: int
     protect_prefix: int | str
     protect_recent: int
+
+    @property
+    def probe_cells(self) -> int:
+        """Cells the observing queries take: the window, and the lookahead after it."""
+        return 2 * self.window if self.observe == "lookahead" else self.window
 
     @classmethod
     def from_kwargs(cls, kv_compress, kv_budget, kv_observe, kv_window, kv_protect_prefix, kv_protect_recent):
@@ -117,6 +130,9 @@ class KVCompression:
 
     def __post_init__(self) -> None:
         self.positions = CachePositions(self)
+        # one decode call per lookahead token would let new tokens overwrite history cells
+        # of the sliding-window cache that its window no longer covers (see _max_decode)
+        self.can_look_ahead = self.compactor.swa_cache(SEQ_ID) is None
         self.max_decode = self._max_decode()
 
     def _max_decode(self) -> int:
@@ -155,7 +171,7 @@ class KVCompression:
 
     def probe_reserve(self) -> int:
         """Cells kept free for the observing queries, which are decoded after the history."""
-        return self.settings.window
+        return self.settings.probe_cells if self.can_look_ahead else self.settings.window
 
     def compress(
         self, need_free: int, upcoming: Sequence[int] = (), kv_budget=None, observe: str | None = None
@@ -231,9 +247,11 @@ class KVCompression:
             # the whole logical history again, dropped tokens included, then the end of a
             # long prompt's unread part (usually the question)
             return history + upcoming[-s.window :], "repeat"
-        if observe != "window":
+        if observe == "lookahead" and not self.can_look_ahead:
+            return (history + upcoming)[-s.window :], "window (no lookahead on sliding-window models)"
+        if observe not in ("window", "lookahead"):
             return llm.tokenize(observe.encode(), add_bos=False, special=False), "prompt"
-        return (history + upcoming)[-s.window :], "window"
+        return (history + upcoming)[-s.window :], observe
 
     def _observe(self, upcoming: list[int], observe: str):
         """Attention statistics of the cached tokens, and the observation mode used.
@@ -261,16 +279,36 @@ class KVCompression:
         # llama.cpp continues a sequence at its next position, so every piece starts at n;
         # one decode call per piece keeps an iSWA window cache from evicting history
         piece = max(1, min(llm.n_ctx() - self.cells_used(), self.max_decode))
+        looked = 0
         with observer:
             for start in range(0, len(probe), piece):
-                llm._decode_at(probe[start : start + piece], n)
+                part = probe[start : start + piece]
+                llm._decode_at(part, n)
+                if mode == "lookahead" and start + piece >= len(probe):
+                    room = llm.n_ctx() - self.cells_used()
+                    looked = self._look_ahead(n + len(part), min(self.settings.window, room))
                 llm._ctx.kv_cache_seq_rm(SEQ_ID, self.positions.cache(n), -1)
             observation = observer.observation(positions=self.logical_positions())
         llm._requires_eval = True  # the logits are the probe's
         pieces = -(-len(probe) // piece)
         # the policy allocates over the compacted layers only (an iSWA model's global layers)
         observation = _without_positions_from(layers_only(observation, self.compactor.layers), n)
+        if mode == "lookahead" and looked < self.settings.window:
+            mode = f"lookahead of {looked} tokens"
         return observation, mode if pieces == 1 else f"{mode} in {pieces} pieces"
+
+    def _look_ahead(self, first_position: int, count: int) -> int:
+        """Decode the model's greedy continuation of what was just decoded, one token per
+        call from `first_position`, at most `count` tokens; stops at an end-of-generation
+        token. Returns how many were decoded."""
+        llm = self.llm
+        for i in range(count):
+            logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1), shape=(llm.n_vocab(),))
+            token = int(np.argmax(logits))
+            if llama_cpp.llama_vocab_is_eog(llm._model.vocab, token):
+                return i
+            llm._decode_at([token], first_position + i)
+        return count
 
     def logical_positions(self) -> np.ndarray:
         """Original (logical) position per (layer, KV head, cell) of the stream, -1 where empty.
@@ -445,7 +483,7 @@ class Llama(llama_cpp.Llama):
     kv_compress: a policy name ("kvcompose", "kvcompose-uniform", "snapkv", "pyramidkv",
         "tova", "streaming", "random") or a `policies.Policy`; None (default) is stock behaviour.
     kv_budget: fraction of the cells kept at each compression, in (0, 1], or an int cell count.
-    kv_observe: "window" (default), "repeat", or a task prompt (see `CompressionSettings`).
+    kv_observe: "window" (default), "lookahead", "repeat", or a task prompt (see `CompressionSettings`).
     kv_window: observing queries in window mode (default 32).
     kv_protect_prefix: first tokens never dropped: an int, or "system" (default): the leading
         system message of `create_chat_completion`.
@@ -483,7 +521,7 @@ class Llama(llama_cpp.Llama):
             try:
                 support.check_model(self._model.model)
                 support.check_context(self, SEQ_ID)
-                support.check_fits(settings.window, settings.kv_budget, self.n_ctx())
+                support.check_fits(settings.window, settings.kv_budget, self.n_ctx(), lookahead=settings.observe == "lookahead")
                 self._kv = KVCompression(self, settings, Compactor(self))
             except (support.UnsupportedModelError, ValueError):
                 self.close()

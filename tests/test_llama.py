@@ -154,7 +154,7 @@ def test_saved_compressed_state_continues_exactly_like_the_original(tiny_model_p
 
 
 @pytest.mark.parametrize("observe, n_ctx, mode", [("repeat", 512, "repeat"), ("repeat", 256, "repeat in 2 pieces"),
-                                                  ("what about the fox?", 256, "prompt")])
+                                                  ("what about the fox?", 256, "prompt"), ("lookahead", 256, "lookahead")])
 def test_observation_modes(tiny_model_path, observe, n_ctx, mode):
     llm = _compressing(tiny_model_path, n_ctx=n_ctx, kv_observe=observe, kv_protect_recent=8)
     tokens = llm.tokenize(LONG_TEXT.encode())[:150]
@@ -203,6 +203,58 @@ def test_repeat_in_pieces_is_the_max_over_separately_observed_pieces(tmp_path):
     held = observation.positions >= 0
     assert held.sum() == 150 * held.shape[0] * held.shape[1]
     np.testing.assert_allclose(observation.scores[held], expected[held], rtol=1e-6, atol=0)
+
+
+def test_lookahead_observes_the_window_and_the_greedy_continuation_after_it(tmp_path):
+    """Reference: a stock context generates the greedy continuation of history + window;
+    window and continuation are then decoded as one batch under one observer (MHA
+    fixture, so per-query maxima and the group mean commute)."""
+    from tiny_models import TinyConfig, write_tiny_model
+
+    path = write_tiny_model(tmp_path / "tiny-mha.gguf", TinyConfig(n_head=2, n_head_kv=2))
+    window = 8
+    llm = _compressing(path, n_ctx=256, kv_observe="lookahead", kv_window=window)
+    history = llm.tokenize(LONG_TEXT.encode())[:150]
+    llm.eval(history)
+    observation, mode = llm._kv._observe([], "lookahead")
+
+    stock = _stock(path, n_ctx=256)
+    probe = history[-window:]
+    stock.eval(history + probe)
+    continuation = []
+    for _ in range(window):
+        token = int(np.argmax(_last_logits(stock)))
+        if llama_cpp.llama_vocab_is_eog(stock._model.vocab, token):
+            break
+        continuation.append(token)
+        stock.eval([token])
+    assert mode == ("lookahead" if len(continuation) == window else f"lookahead of {len(continuation)} tokens")
+
+    assert llm.kv_stats()["cells_used"] == len(history)  # the queries left no cells behind
+    with AttentionObserver(llm, query_reduce="max", head_reduce="mean") as observer:
+        llm._decode_at(probe + continuation, len(history))
+        expected = observer.scores()
+    llm._ctx.kv_cache_seq_rm(0, len(history), -1)
+    held = observation.positions >= 0
+    assert held.sum() == len(history) * held.shape[0] * held.shape[1]
+    # one batch against one token per call: the same attention, other float summation orders
+    np.testing.assert_allclose(observation.scores[held], expected[held], rtol=2e-2, atol=1e-6)
+
+    window_only, _ = llm._kv._observe([], "window")
+    assert (observation.scores >= window_only.scores - 1e-7).all()
+    # the continuation's queries add attention far beyond the tolerance above (measured: 0.96)
+    assert (observation.scores[held] - window_only.scores[held]).max() > 0.1
+    llm.eval([42])  # decoding goes on from the history, not from the continuation
+    reference = _stock(path, n_ctx=256)
+    reference.eval(history + [42])
+    np.testing.assert_allclose(_last_logits(llm), _last_logits(reference), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gemma
+def test_lookahead_falls_back_to_the_window_on_sliding_window_models(gemma3_path):
+    llm = _compressing(gemma3_path, n_ctx=1024, kv_observe="lookahead")
+    llm.eval(llm.tokenize(LONG_TEXT.encode())[:200])
+    assert llm.compress(kv_budget=0.5).observe == "window (no lookahead on sliding-window models)"
 
 
 # --- positions past the model's training context ------------------------------------

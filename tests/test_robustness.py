@@ -33,12 +33,15 @@ LONG_TEXT = "The quick brown fox jumps over the lazy dog. " * 18  # ~830 byte to
         ({"kv_budget": 1000}, r"kv_budget=1000 cells: at most 223 cells"),  # more cells than n_ctx can hold
         ({"kv_budget": 224}, r"at most 223 cells"),
         ({"kv_window": 129}, r"kv_window=129 .* kv_window <= 128"),
+        ({"kv_window": 65, "kv_observe": "lookahead"}, r"kv_window=65 \(130 observing queries with lookahead\) .* kv_window <= 64"),
+        ({"kv_budget": 192, "kv_observe": "lookahead"}, r"at most 191 cells"),
     ],
 )
 def test_settings_that_cannot_fit_n_ctx_are_refused_at_construction(tiny_model_path, kwargs, message):
     with pytest.raises(ValueError, match=message):
         _compressing(tiny_model_path, n_ctx=256, **kwargs)
     _compressing(tiny_model_path, n_ctx=256, kv_budget=223, kv_window=32)  # the limits themselves work
+    _compressing(tiny_model_path, n_ctx=256, kv_budget=191, kv_window=32, kv_observe="lookahead")
 
 
 # --- bad calls at run time: a clear error, nothing lost --------------------------------

@@ -15,13 +15,14 @@ repeat-mode observation fits) runs, in every repeat:
    (decoding the last `--window` tokens again with statistics on, reading them, removing
    them), selection (the policy), compaction (`Compactor.apply`); then the same tokens
    decoded at the same logical positions in the compressed cache;
-4. repeat mode (the first budget): the same compression observed by re-feeding the whole
-   context, the reference's mode.
+4. lookahead and repeat modes (the first budget): the same compression observed by the
+   window plus the model's greedy continuation of `--window` tokens, and by re-feeding the
+   whole context (the reference's mode).
 
 Reported per length: medians over repeats of every time, as wall time and as the
 process's CPU time (on a shared machine the wall time includes waiting for a core; with
 --threads 1 the CPU time is the work itself); ratios (compressed / full decode speed,
-compression overhead as % of the prefill of the same context, repeat / window) are taken
+compression overhead as % of the prefill of the same context, lookahead or repeat / window) are taken
 within a repeat, for each clock, then the median. Compaction's bytes per second beside a plain
 ggml_cpy of the same bytes on the same backend and threads (`bench.compaction`'s
 measurement). Memory: llama.cpp's per-cell K+V size (`llama_kvcompose_cell_bytes`) times
@@ -320,7 +321,8 @@ def _measure_length(model_path, requested: int, s: dict, args, n_ctx_train: int)
         llm.eval(context[: min(256, length)])  # warm-up: pages in the weights, sizes the compute buffers
         prefill_off, prefill_stats, full_decode = [], [], []
         per_budget: dict[float, dict[str, Any]] = {b: {p: [] for p in (*PARTS, "decode")} for b in s["budgets"]}
-        repeat: dict[str, list] = {p: [] for p in PARTS}
+        other_modes: dict[str, dict[str, list]] = {m: {p: [] for p in PARTS} for m in ("lookahead", "repeat")}
+        mode_labels: dict[str, str] = {}
         full_cells = None
         for _ in range(s["repeats"]):
             _clear(llm)
@@ -348,11 +350,12 @@ def _measure_length(model_path, requested: int, s: dict, args, n_ctx_train: int)
                     "kv_bytes_free_after_compression": stats["kv_bytes_free"],
                     "physical_bytes_freed": parts["result"].physical_bytes_freed,
                 }
-            llm.load_state(saved)
-            parts = timed.compress(s["budgets"][0], "repeat")
-            repeat_mode = parts["mode"]
-            for part in PARTS:
-                repeat[part].append(parts[part])
+            for mode, acc in other_modes.items():
+                llm.load_state(saved)
+                parts = timed.compress(s["budgets"][0], mode)
+                mode_labels[mode] = parts["mode"]
+                for part in PARTS:
+                    acc[part].append(parts[part])
         budgets_out = []
         for b in s["budgets"]:
             acc = per_budget[b]
@@ -401,12 +404,12 @@ def _measure_length(model_path, requested: int, s: dict, args, n_ctx_train: int)
                 "decode_tokens_per_s": _ratio([(n_decode, n_decode)] * len(full_decode), full_decode, digits=2),
             },
             "budgets": budgets_out,
-            "repeat_mode": {
+            **{f"{mode}_mode": {
                 "kv_budget": s["budgets"][0],
-                "observation": repeat_mode,
-                **_compression_summary(repeat, prefill_off),
-                "ratio_to_window_mode": _ratio(repeat["total"], window_total, digits=2),
-            },
+                "observation": mode_labels[mode],
+                **_compression_summary(acc, prefill_off),
+                "ratio_to_window_mode": _ratio(acc["total"], window_total, digits=2),
+            } for mode, acc in other_modes.items()},
             "memory": {
                 "rss_before_context_bytes": rss_before,
                 "rss_after_context_bytes": rss_allocated,

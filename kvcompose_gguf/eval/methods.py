@@ -14,6 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from ..llama import OBSERVATION_MODES
+
 
 class UnknownMethodError(KeyError):
     def __str__(self) -> str:  # KeyError quotes its message; this one is a sentence.
@@ -149,7 +151,7 @@ for _name, _description in _COMPRESSING.items():
         create=_factory(_name),
         kv_usage=compressed_kv_usage,
         compresses=True,
-        observation_modes=("window", "repeat"),
+        observation_modes=OBSERVATION_MODES,
     )
 
 # Names that need more than a registry entry, with what to say.

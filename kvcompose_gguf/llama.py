@@ -521,7 +521,7 @@ class Llama(llama_cpp.Llama):
             try:
                 support.check_model(self._model.model)
                 support.check_context(self, SEQ_ID)
-                support.check_fits(settings.window, settings.kv_budget, self.n_ctx(), lookahead=settings.observe == "lookahead")
+                support.check_fits(settings.window, settings.kv_budget, self.n_ctx(), settings.probe_cells)
                 self._kv = KVCompression(self, settings, Compactor(self))
             except (support.UnsupportedModelError, ValueError):
                 self.close()

@@ -99,21 +99,20 @@ def check_context(ctx: Any, seq_id: int = 0) -> None:
         raise UnsupportedModelError(f"the native compaction refuses this memory ({exc})") from exc
 
 
-def check_fits(window: int, kv_budget: float | int, n_ctx: int, *, lookahead: bool = False) -> None:
+def check_fits(window: int, kv_budget: float | int, n_ctx: int, probe_cells: int | None = None) -> None:
     """Raise ValueError when the settings leave compression no room in n_ctx cells.
 
-    Before each chunk the observing queries (`window` of them, twice that with lookahead)
-    are decoded after the history, so at most n_ctx minus those cells can ever hold
-    history; queries taking half the cells or more would compress the whole history to a
-    handful of cells for every few tokens. An int budget must also be a count the history
-    can exceed.
+    Before each chunk the observing queries (`probe_cells`: the window, twice that with
+    lookahead) are decoded after the history, so at most n_ctx minus those cells can ever
+    hold history; queries taking half the cells or more would compress the whole history
+    to a handful of cells for every few tokens. An int budget must also be a count the
+    history can exceed.
     """
-    factor = 2 if lookahead else 1
-    probe_cells = factor * window
+    probe_cells = window if probe_cells is None else probe_cells
     if probe_cells > n_ctx // 2:
-        with_lookahead = f" ({probe_cells} observing queries with lookahead)" if lookahead else ""
+        with_lookahead = f" ({probe_cells} observing queries with lookahead)" if probe_cells != window else ""
         raise ValueError(f"kv_window={window}{with_lookahead} leaves too little of n_ctx={n_ctx} for the history: "
-                         f"use kv_window <= {n_ctx // 2 // factor} or a larger n_ctx")
+                         f"use kv_window <= {n_ctx // 2 * window // probe_cells} or a larger n_ctx")
     if isinstance(kv_budget, int) and kv_budget >= n_ctx - probe_cells:
         raise ValueError(f"kv_budget={kv_budget} cells: at most {n_ctx - probe_cells - 1} cells can be kept in "
                          f"n_ctx={n_ctx} beside the {probe_cells} observing queries")

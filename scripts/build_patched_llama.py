@@ -18,6 +18,7 @@ Standard library only: this runs before anything else is installed.
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import hashlib
 import html.parser
 import os
@@ -52,6 +53,9 @@ BASE_CMAKE_ARGS = [
 REPO = Path(__file__).resolve().parent.parent
 PATCH_DIR = REPO / "patches"
 NATIVE_DIR = REPO / "native"
+# Not part of the build: neither copied into llama.cpp nor in the cache key (a README
+# edit must not rebuild the wheel).
+NATIVE_NOT_BUILT = ("*.md", "__pycache__")
 # Where native/ lands inside the vendored llama.cpp; the patch's CMake hunk globs it.
 NATIVE_DEST = Path("vendor/llama.cpp/src/kvcompose")
 
@@ -70,7 +74,7 @@ def log(msg: str) -> None:
 
 def _hash_tree(h: "hashlib._Hash", root: Path, pattern: str) -> None:
     for path in sorted(root.rglob(pattern)):
-        if path.is_file() and "__pycache__" not in path.parts:
+        if path.is_file() and not any(fnmatch.fnmatch(part, p) for part in path.relative_to(root).parts for p in NATIVE_NOT_BUILT):
             h.update(path.relative_to(root).as_posix().encode())
             h.update(b"\0")
             h.update(path.read_bytes())
@@ -162,7 +166,7 @@ def prepare_source(sdist: Path, workdir: Path, key: str) -> Path:
     for patch in sorted(PATCH_DIR.glob("*.patch")):
         log(f"applying {patch.name}")
         subprocess.run(["patch", "-p1", "--forward", "--batch", "--silent", "-i", str(patch)], cwd=src, check=True)
-    shutil.copytree(NATIVE_DIR, src / NATIVE_DEST, ignore=shutil.ignore_patterns("*.md", "__pycache__"))
+    shutil.copytree(NATIVE_DIR, src / NATIVE_DEST, ignore=shutil.ignore_patterns(*NATIVE_NOT_BUILT))
     init = src / "llama_cpp" / "__init__.py"
     text = init.read_text()
     init.write_text(text.replace(f'__version__ = "{VERSION}"', f'__version__ = "{local_version(key)}"'))

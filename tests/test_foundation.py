@@ -55,6 +55,21 @@ def test_build_key_changes_with_flags_and_is_stable_otherwise(monkeypatch):
     assert build.build_key() != key
 
 
+def test_build_key_follows_the_native_sources_not_their_documentation(monkeypatch, tmp_path):
+    import shutil
+
+    build = _load_build_script()
+    native = tmp_path / "native"
+    shutil.copytree(build.NATIVE_DIR, native)
+    monkeypatch.setattr(build, "NATIVE_DIR", native)
+    key = build.build_key()
+    (native / "README.md").write_text("edited\n")
+    assert build.build_key() == key
+    source = next(native.glob("*.cpp"))
+    source.write_text(source.read_text() + "\n// edited\n")
+    assert build.build_key() != key
+
+
 def test_second_setup_reuses_the_cached_wheel():
     build = _load_build_script()
     if not list((build.default_cache_dir() / "wheels" / build.build_key()).glob("*.whl")):

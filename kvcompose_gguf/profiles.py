@@ -166,7 +166,10 @@ def load(model_path) -> dict[float, LayerProfile] | None:
     if payload.get("version") != PROFILE_VERSION or payload.get("model_key") != model_key(model_path):
         return None
     profiles = {}
-    for p in payload["profiles"]:
-        profile = LayerProfile(**{**p, "keep_fractions": tuple(p["keep_fractions"]), "spread": tuple(p["spread"])})
-        profiles[profile.kv_budget] = profile
+    try:
+        for p in payload["profiles"]:
+            profile = LayerProfile(**{**p, "keep_fractions": tuple(p["keep_fractions"]), "spread": tuple(p["spread"])})
+            profiles[profile.kv_budget] = profile
+    except (KeyError, TypeError):  # written by another version of this file's layout
+        return None
     return profiles

@@ -46,6 +46,9 @@ def test_profiles_are_cached_per_model_file(tiny_model_path, measured, cache_dir
     payload = json.loads(saved.read_text())
     saved.write_text(json.dumps({**payload, "version": profiles.PROFILE_VERSION + 1}))
     assert profiles.load(tiny_model_path) is None  # a format we do not read is stale, not an error
+    del payload["profiles"][0]["seed"]
+    saved.write_text(json.dumps(payload))
+    assert profiles.load(tiny_model_path) is None  # a field missing: stale too
     saved.write_text("{ truncated")
     assert profiles.load(tiny_model_path) is None
 

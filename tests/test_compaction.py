@@ -108,6 +108,17 @@ def expected_blob(before: bytes, sel, seq_cells, dst_cells, n_head_kv) -> tuple[
     return st, known
 
 
+def assert_known_rows_equal(got: state_blob.SeqState, want: state_blob.SeqState, known: list) -> None:
+    """Every layer's K and V rows of the cells whose content is known (`expected_blob`) match."""
+    assert len(known) == len(got.k) == len(want.k)
+    for layer in range(len(known)):
+        np.testing.assert_array_equal(got.k[layer].rows[known[layer]], want.k[layer].rows[known[layer]])
+        if got.v_trans:
+            np.testing.assert_array_equal(got.v[layer].data[:, known[layer]], want.v[layer].data[:, known[layer]])
+        else:
+            np.testing.assert_array_equal(got.v[layer].rows[known[layer]], want.v[layer].rows[known[layer]])
+
+
 def prompt(rng, n):
     return rng.integers(3, 259, n)
 
@@ -170,12 +181,7 @@ def test_compaction_equals_numpy_rearrangement_of_state_blob(sessions, tiny_mode
     got = state_blob.parse_seq_state(s.blob(1)).only_stream()
     want = expected.only_stream()
     np.testing.assert_array_equal(got.positions, want.positions)
-    for layer in range(c.n_layer):
-        np.testing.assert_array_equal(got.k[layer].rows[known[layer]], want.k[layer].rows[known[layer]])
-        if got.v_trans:
-            np.testing.assert_array_equal(got.v[layer].data[:, known[layer]], want.v[layer].data[:, known[layer]])
-        else:
-            np.testing.assert_array_equal(got.v[layer].rows[known[layer]], want.v[layer].rows[known[layer]])
+    assert_known_rows_equal(got, want, known)
     if (sel.counts == sel.counts.max()).all():
         assert s.blob(1) == expected.to_bytes()
     assert s.blob(0) == before[0]
@@ -597,12 +603,7 @@ def test_heads_keeping_the_same_cells_move_whole_rows_byte_exactly(sessions, tin
     result = c.apply(sel)
     expected, known = expected_blob(before[0], sel, seq.cells, result.slot_cells, c.n_head_kv)
     got = state_blob.parse_seq_state(s.blob(0)).only_stream()
-    for layer in range(c.n_layer):
-        np.testing.assert_array_equal(got.k[layer].rows[known[layer]], expected.only_stream().k[layer].rows[known[layer]])
-        if got.v_trans:
-            np.testing.assert_array_equal(got.v[layer].data[:, known[layer]], expected.only_stream().v[layer].data[:, known[layer]])
-        else:
-            np.testing.assert_array_equal(got.v[layer].rows[known[layer]], expected.only_stream().v[layer].rows[known[layer]])
+    assert_known_rows_equal(got, expected.only_stream(), known)
     assert s.blob(1) == before[1]
 
 
@@ -665,12 +666,7 @@ def test_large_cache_moves_in_chunks_byte_exactly(sessions, tiny_model_path, fla
     expected, known = expected_blob(before, sel, seq.cells, result.slot_cells, c.n_head_kv)
     got = state_blob.parse_seq_state(s.blob()).only_stream()
     want = expected.only_stream()
-    for layer in range(c.n_layer):
-        np.testing.assert_array_equal(got.k[layer].rows[known[layer]], want.k[layer].rows[known[layer]])
-        if got.v_trans:
-            np.testing.assert_array_equal(got.v[layer].data[:, known[layer]], want.v[layer].data[:, known[layer]])
-        else:
-            np.testing.assert_array_equal(got.v[layer].rows[known[layer]], want.v[layer].rows[known[layer]])
+    assert_known_rows_equal(got, want, known)
 
 
 def test_a_second_compaction_cannot_give_a_layer_rows_it_does_not_own(sessions, tiny_model_path):
@@ -712,9 +708,8 @@ def test_cells_shared_with_a_copied_sequence_stay_with_the_copy(sessions, tiny_m
     assert s.blob(1) == before1
     expected, known = expected_blob(before0, sel, seq.cells, result.slot_cells, c.n_head_kv)
     got = state_blob.parse_seq_state(s.blob(0)).only_stream()
-    for layer in range(c.n_layer):
-        np.testing.assert_array_equal(got.k[layer].rows[known[layer]], expected.only_stream().k[layer].rows[known[layer]])
-        np.testing.assert_array_equal(got.v[layer].rows[known[layer]], expected.only_stream().v[layer].rows[known[layer]])
+    assert not got.v_trans
+    assert_known_rows_equal(got, expected.only_stream(), known)
 
 
 def test_pending_k_shift_is_refused_until_a_decode_applies_it(sessions, tiny_model_path):
@@ -749,12 +744,7 @@ def test_default_model_compaction_is_byte_exact_and_keeps_identity_logits(sessio
     result = c.apply(sel)
     expected, known = expected_blob(before, sel, seq.cells, result.slot_cells, c.n_head_kv)
     got = state_blob.parse_seq_state(s.blob()).only_stream()
-    for layer in range(c.n_layer):
-        np.testing.assert_array_equal(got.k[layer].rows[known[layer]], expected.only_stream().k[layer].rows[known[layer]])
-        if got.v_trans:
-            np.testing.assert_array_equal(got.v[layer].data[:, known[layer]], expected.only_stream().v[layer].data[:, known[layer]])
-        else:
-            np.testing.assert_array_equal(got.v[layer].rows[known[layer]], expected.only_stream().v[layer].rows[known[layer]])
+    assert_known_rows_equal(got, expected.only_stream(), known)
 
     ref = sessions(default_model_path, flash_attn=flash_attn, type_k=type_k, type_v=type_v)
     ref.decode(toks[:96], range(96))

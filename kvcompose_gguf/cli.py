@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--n-ctx", type=int, default=2048, help="context size in cells (default 2048)")
     chat.add_argument("--budget", type=_budget, default=0.5, help="kv_budget: fraction of cells kept (0,1] or a cell count")
     chat.add_argument("--policy", default="kvcompose", help="compression policy (default kvcompose), 'none' for stock llama.cpp")
+    chat.add_argument("--kv-memory", type=_kv_memory, default=None,
+                      help="per-layer KV memory: a fraction in (0, 1) of a full n_ctx cache, or bytes "
+                      "(layers sized from `kvcompose calibrate`'s profile)")
     chat.add_argument("--observe", default="window", help="observation mode: window, lookahead, repeat, or a task prompt")
     chat.add_argument("--n-gpu-layers", type=int, default=0)
     chat.add_argument("--flash-attn", action=argparse.BooleanOptionalAction, default=True)
@@ -80,6 +83,8 @@ def add_serve_parser(sub) -> None:
     serve.add_argument("--protect-prefix", type=_protect_prefix, default="system",
                        help="first tokens never dropped: a count, or 'system' (the system message; default)")
     serve.add_argument("--protect-recent", type=int, default=64, help="last tokens never dropped")
+    serve.add_argument("--kv-memory", type=_kv_memory, default=None,
+                       help="per-layer KV memory: a fraction in (0, 1) of a full n_ctx cache, or bytes")
     serve.add_argument("--n-gpu-layers", type=int, default=0)
     serve.add_argument("--flash-attn", action=argparse.BooleanOptionalAction, default=True)
     serve.add_argument("--cache-type-k", choices=CACHE_TYPES, default="f16")
@@ -106,7 +111,8 @@ def run_serve(args: argparse.Namespace) -> int:
         settings = KVSettings(
             model=model, host=args.host, port=args.port, n_ctx=args.n_ctx, kv_compress=args.policy,
             kv_budget=args.budget, kv_observe=args.observe, kv_protect_prefix=args.protect_prefix,
-            kv_protect_recent=args.protect_recent, n_gpu_layers=args.n_gpu_layers, flash_attn=args.flash_attn,
+            kv_protect_recent=args.protect_recent, kv_memory=args.kv_memory, n_gpu_layers=args.n_gpu_layers,
+            flash_attn=args.flash_attn,
             type_k=_ggml_type(args.cache_type_k), type_v=_ggml_type(args.cache_type_v),
             chat_format=args.chat_format, api_key=args.api_key, seed=args.seed, verbose=args.verbose,
         )
@@ -195,6 +201,16 @@ def _budget(text: str) -> float | int:
     return value
 
 
+def _kv_memory(text: str) -> float | int:
+    try:
+        value: float | int = int(text) if text.isdigit() else float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"kv-memory must be a fraction in (0, 1) or a byte count, not {text!r}") from None
+    if isinstance(value, float) and not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"a fractional kv-memory must lie in (0, 1), not {value}")
+    return value
+
+
 def _ggml_type(name: str) -> int:
     import llama_cpp
 
@@ -220,6 +236,10 @@ def load_model(args: argparse.Namespace):
     compression = {}
     if args.policy != "none":
         compression = dict(kv_compress=args.policy, kv_budget=args.budget, kv_observe=args.observe)
+        if getattr(args, "kv_memory", None) is not None:
+            compression["kv_memory"] = args.kv_memory
+    elif getattr(args, "kv_memory", None) is not None:
+        raise CliError("--kv-memory sizes a compressed cache: it needs a --policy other than 'none'")
     try:
         return Llama(
             model_path=str(path),
@@ -267,15 +287,26 @@ def sparkline(values: list) -> str:
     return "".join(bars[min(len(bars) - 1, int(v / top * (len(bars) - 1) + 0.5))] for v in values)
 
 
-def kv_bytes_allocated(llm) -> int:
-    """Bytes of the K and V tensors llama.cpp allocated: n_ctx cells times llama.cpp's own
-    per-cell size over the layers of the cache, plus an iSWA model's sliding-window cache."""
+def _compactor(llm):
     from .compactor import Compactor
 
     kv = getattr(llm, "_kv", None)
-    compactor = kv.compactor if kv is not None else Compactor(llm)
+    return kv.compactor if kv is not None else Compactor(llm)
+
+
+def kv_bytes_allocated(llm) -> int:
+    """Bytes of the K and V tensors llama.cpp allocated, read from the tensors (each layer's
+    own rows with per-layer memory), plus an iSWA model's sliding-window cache."""
+    compactor = _compactor(llm)
     swa = compactor.swa_cache(0)
-    return llm.n_ctx() * compactor.cell_bytes() + (swa.bytes if swa is not None else 0)
+    return compactor.layout.allocated_bytes + (swa.bytes if swa is not None else 0)
+
+
+def kv_bytes_full_cache(llm, n_tokens: int) -> int:
+    """What a stock cache holding n_tokens cells in every layer would take."""
+    compactor = _compactor(llm)
+    swa = compactor.swa_cache(0)
+    return compactor.layout.full_cache_bytes(n_tokens) + (swa.cell_bytes * n_tokens if swa is not None else 0)
 
 
 @dataclass
@@ -347,7 +378,7 @@ class ChatSession:
             compressions=kv["compressions"],
             last_compression_seconds=kv["last_compression_seconds"],
             kv_bytes_allocated=allocated,
-            kv_bytes_full_cache=allocated // kv["n_ctx"] * kv["logical_tokens"],
+            kv_bytes_full_cache=kv_bytes_full_cache(self.llm, kv["logical_tokens"]),
             layer_budgets=kv["layer_budgets"],
             reply_tokens=reply_tokens,
             stopped=stopped,

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from . import native
+from .layout import Layout
 from .stats import context_pointer
 
 _P_I32 = ctypes.POINTER(ctypes.c_int32)
@@ -39,6 +40,8 @@ class CompactionResult:
     physical_bytes_freed: cells that no layer uses any more times the bytes a cell takes
         over all layers (K and V): memory available to new tokens. Negative when the old
         cells are shared with another sequence (seq_cp) and the slots needed free cells.
+        With per-layer memory (`Compactor.layout`): the bytes of the sequence's old cells
+        minus those of its slot cells, each counted in the layers that hold a row for it.
     logical_entries_dropped: (layer, KV head, token) row pairs no longer attended to,
         summed over layers and heads; per-layer budgets drop entries without freeing cells.
     """
@@ -115,6 +118,17 @@ class Compactor:
         self.n_head_kv = int(llama_cpp.llama_model_n_head_kv(model))
         self._tables: dict[int, SlotTable] = {}
         self._layers: np.ndarray | None = None
+        self._layout: Layout | None = None
+
+    @property
+    def layout(self) -> Layout:
+        """The cache's layout as allocated (fixed for the context's lifetime): a shared pool,
+        or per-layer memory (`kvcompose_gguf.layout`), where slot j lives in cell n_recent + j."""
+        if self._layout is None:
+            import llama_cpp
+
+            self._layout = Layout.read(self._ctx, self.n_layer, int(llama_cpp.llama_n_ctx(self._ctx)))
+        return self._layout
 
     @property
     def layers(self) -> np.ndarray:
@@ -198,6 +212,13 @@ class Compactor:
         )
         native.check("llama_kvcompose_seq_set_layer_counts", status, f"seq_id={seq_id}")
 
+    def plan_restore(self, seq_id: int, slot_of_cell: np.ndarray) -> None:
+        """With per-layer memory: the next llama_state_seq_set_data into seq_id puts cell i of
+        the saved sequence in slot slot_of_cell[i]'s own cell (-1: a cell for new tokens)."""
+        slot_of_cell = np.ascontiguousarray(slot_of_cell, dtype=np.int32)
+        status = self._lib.llama_kvcompose_layout_restore_plan(self._ctx, seq_id, len(slot_of_cell), _i32(slot_of_cell))
+        native.check("llama_kvcompose_layout_restore_plan", status, f"seq_id={seq_id}")
+
     def table(self, seq_id: int = 0) -> SlotTable | None:
         """The slot table of seq_id's last compaction, or None if it was never compacted."""
         return self._tables.get(seq_id)
@@ -260,7 +281,11 @@ class Compactor:
         native.check("llama_kvcompose_compact_seq", status, f"seq_id={seq_id}")
 
         n_before, n_after = len(before.cells), int(cells.shape[2])
-        cells_freed = before.n_stream_used - self.seq_cells(seq_id).n_stream_used
+        if self.layout.per_layer:
+            # a slot cell takes a row only in the layers whose capacity reaches it
+            bytes_freed = self.layout.cells_bytes(before.cells) - self.layout.cells_bytes(slot_cells)
+        else:
+            bytes_freed = (before.n_stream_used - self.seq_cells(seq_id).n_stream_used) * self.cell_bytes()
         tokens = np.full(cells.shape, -1, dtype=np.int32)
         if cell_tokens is not None:
             owned = cells >= 0
@@ -269,7 +294,7 @@ class Compactor:
         return CompactionResult(
             cells_before=n_before,
             cells_after=n_after,
-            physical_bytes_freed=cells_freed * self.cell_bytes(),
+            physical_bytes_freed=bytes_freed,
             logical_entries_dropped=entries_before - int((cells >= 0).sum()),
             slot_cells=slot_cells,
         )

@@ -27,6 +27,8 @@ import numpy as np
 import llama_cpp
 
 from . import native  # noqa: F401  (the package import checks the patched library)
+from . import layout as kv_layout
+from . import profiles
 from . import state as kv_state
 from . import support
 from .compactor import CompactionResult, Compactor, SlotTable
@@ -36,6 +38,53 @@ from .stats import AttentionObserver, broadcast_positions, cell_positions, layer
 logger = logging.getLogger("kvcompose_gguf")
 
 SEQ_ID = 0  # llama-cpp-python decodes one sequence
+
+
+def _plan_memory(kv_memory, settings, args, kwargs) -> tuple["kv_layout.LayoutPlan | None", dict]:
+    """The per-layer capacities for `kv_memory`, or (no profile) n_ctx lowered to a smaller
+    shared pool of the same bytes. Returns the plan (None for the pool) and the keyword
+    arguments for llama_cpp.Llama."""
+    model_path = kwargs.get("model_path", args[0] if args else None)
+    n_ctx = kwargs.get("n_ctx", 512)
+    if model_path is None or not isinstance(n_ctx, int) or n_ctx < 1:
+        raise ValueError("kv_memory needs model_path and n_ctx >= 1")
+    if isinstance(kv_memory, bool) or not isinstance(kv_memory, (int, float)):
+        raise TypeError(f"kv_memory must be a fraction in (0, 1) or an int number of bytes, got {kv_memory!r}")
+    cells = kv_layout.cache_cells(n_ctx)
+    row_bytes = kv_layout.model_row_bytes(model_path, kwargs.get("type_k"), kwargs.get("type_v"))
+    found = profiles.load(model_path) or {}
+    if found:
+        # 0: a sliding-window layer, whose K/V live in another cache
+        compressed = np.asarray(next(iter(found.values())).keep_fractions) > 0
+        row_bytes = np.where(compressed, row_bytes, 0)
+    full = int(row_bytes.sum()) * cells
+    fraction = float(kv_memory) if isinstance(kv_memory, float) else kv_memory / full
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(
+            f"kv_memory={kv_memory!r} is {fraction:.3f} of a full cache of n_ctx={cells} cells ({full} bytes): "
+            "give a fraction in (0, 1) or fewer bytes (or leave kv_memory out for the full cache)"
+        )
+    if not found:
+        pool = max(kv_layout.ALIGN, int(fraction * cells) // kv_layout.ALIGN * kv_layout.ALIGN)
+        logger.warning(
+            "no layer profile for %s: every layer gets the same share, so kv_memory=%s means a shared pool of "
+            "%d cells instead of %d (run `kvcompose calibrate %s` to let the layers differ)",
+            model_path, kv_memory, pool, cells, model_path,
+        )
+        return None, {**kwargs, "n_ctx": pool}
+    # The profile measured nearest kv_budget (0.5 for a cell count) whose shape reaches the
+    # memory: a smaller budget's allocation is more skewed, so it reaches less memory.
+    target = settings.kv_budget if isinstance(settings.kv_budget, float) else 0.5
+    refusal = None
+    for budget in sorted(found, key=lambda b: (abs(b - target), b)):
+        try:
+            plan = kv_layout.plan_layout(fraction, cells, found[budget].keep_fractions, row_bytes)
+        except ValueError as exc:
+            refusal = refusal or exc
+            continue
+        logger.info("per-layer KV memory from the kv_budget %s profile: %s", budget, plan.describe())
+        return plan, kwargs
+    raise refusal
 
 
 # Named observation modes (`CompressionSettings.observe`); any other string is a task prompt.
@@ -163,6 +212,17 @@ class KVCompression:
     def cells_used(self) -> int:
         return len(self.compactor.seq_cells(SEQ_ID).cells)
 
+    def room(self) -> int:
+        """Cells new tokens can ever take: n_ctx, or with per-layer memory the cells below the
+        composite slots (a compression moves every kept token out of them)."""
+        layout = self.compactor.layout
+        return layout.n_recent if layout.per_layer else self.llm.n_ctx()
+
+    def free_cells(self) -> int:
+        """Cells free for new tokens now."""
+        seq = self.compactor.seq_cells(SEQ_ID)
+        return self.room() - int((seq.cells < self.room()).sum())
+
     def forget(self) -> None:
         """The cache no longer holds compacted cells (it was cleared)."""
         self.compressed_upto = 0
@@ -183,12 +243,17 @@ class KVCompression:
         """
         llm, s = self.llm, self.settings
         start = time.perf_counter()
-        cap = llm.n_ctx() - need_free - self.probe_reserve()
-        if cap < 1:
+        layout = self.compactor.layout
+        if need_free + self.probe_reserve() > self.room():
+            where = f"the {self.room()} cells per-layer memory keeps for them" if layout.per_layer else f"n_ctx={llm.n_ctx()}"
             raise ValueError(
-                f"{need_free} new tokens plus {self.probe_reserve()} observing queries cannot fit in "
-                f"n_ctx={llm.n_ctx()} even after compression"
+                f"{need_free} new tokens plus {self.probe_reserve()} observing queries cannot fit in {where} "
+                "even after compression"
             )
+        # every kept token becomes a slot: within n_ctx beside the new tokens in a shared pool,
+        # within each layer's own capacity with per-layer memory
+        caps = layout.caps[self.compactor.layers] if layout.per_layer else None
+        cap = int(caps.min()) if caps is not None else llm.n_ctx() - need_free - self.probe_reserve()
         n = llm.n_tokens
         prefix = self.protected_prefix()
         if prefix >= cap:
@@ -205,7 +270,10 @@ class KVCompression:
         protected = protect_positions(observation, spans)
         if kv_budget is None:
             kv_budget = self._covering_protection(s.kv_budget, observation, protected, cap)
-        selection = s.policy.select(observation, kv_budget, protected=protected, layer_caps=cap)
+        if caps is not None:
+            kv_budget = _within_capacities(kv_budget, observation, caps)
+        selection = s.policy.select(observation, kv_budget, protected=protected,
+                                    layer_caps=caps if caps is not None else cap)
         selection = replace(selection, slot_positions=self.positions.slot_cache_positions(observation, selection))
         result = self.compactor.apply(selection, seq_id=SEQ_ID, cell_tokens=self._cell_tokens(observation))
         self.compressed_upto = n
@@ -278,15 +346,14 @@ class KVCompression:
         )
         # llama.cpp continues a sequence at its next position, so every piece starts at n;
         # one decode call per piece keeps an iSWA window cache from evicting history
-        piece = max(1, min(llm.n_ctx() - self.cells_used(), self.max_decode))
+        piece = max(1, min(self.free_cells(), self.max_decode))
         looked = 0
         with observer:
             for start in range(0, len(probe), piece):
                 part = probe[start : start + piece]
                 llm._decode_at(part, n)
                 if mode == "lookahead" and start + piece >= len(probe):
-                    room = llm.n_ctx() - self.cells_used()
-                    looked = self._look_ahead(n + len(part), min(self.settings.window, room))
+                    looked = self._look_ahead(n + len(part), min(self.settings.window, self.free_cells()))
                 llm._ctx.kv_cache_seq_rm(SEQ_ID, self.positions.cache(n), -1)
             observation = observer.observation(positions=self.logical_positions())
         llm._requires_eval = True  # the logits are the probe's
@@ -468,6 +535,15 @@ class CachePositions:
         return llama_cpp.llama_get_memory(self.kv.llm._ctx.ctx)
 
 
+def _within_capacities(kv_budget, observation, caps: np.ndarray):
+    """The budget, lowered to what per-layer capacities can hold in all: a fraction of the
+    layers' tokens, or an int count per layer."""
+    layer_tokens = (observation.positions >= 0).any(axis=1).sum(axis=1)
+    if isinstance(kv_budget, float):
+        return min(kv_budget, float(caps.sum()) / float(max(1, layer_tokens.sum())))
+    return min(kv_budget, int(caps.sum()) // len(caps))
+
+
 def _without_positions_from(observation, first: int):
     """The observation restricted to positions < first (probe tokens removed)."""
     positions = np.where(observation.positions >= first, -1, observation.positions)
@@ -492,6 +568,13 @@ class Llama(llama_cpp.Llama):
         `max_tokens=None` generates up to it. Past the model's training context the cells'
         positions are rebased (`CachePositions`); a memory that cannot shift positions keeps
         the training context as the limit.
+    kv_memory: physical KV memory, kept apart from kv_budget: a fraction in (0, 1) of a full
+        cache of n_ctx cells, or an int number of bytes; None (default) allocates the full
+        cache. Each layer then allocates only its share of composite slots, sized from the
+        model's layer profile (`kvcompose calibrate`); see `kvcompose_gguf.layout`. Without
+        a profile every layer gets the same share, which is a smaller shared pool: n_ctx is
+        lowered to fit, with a warning. On an iSWA model (Gemma-3) it sizes the global
+        layers' cache; the sliding-window cache is not compressed.
     """
 
     def __init__(
@@ -504,9 +587,12 @@ class Llama(llama_cpp.Llama):
         kv_protect_prefix: int | str = "system",
         kv_protect_recent: int = 64,
         kv_max_history: int = 1 << 20,
+        kv_memory: float | int | None = None,
         **kwargs: Any,
     ):
         settings = None
+        if kv_memory is not None and kv_compress is None:
+            raise ValueError("kv_memory sizes a compressed cache: give kv_compress too")
         if kv_compress is not None:
             settings = CompressionSettings.from_kwargs(
                 kv_compress, kv_budget, kv_observe, kv_window, kv_protect_prefix, kv_protect_recent
@@ -515,14 +601,29 @@ class Llama(llama_cpp.Llama):
                 raise ValueError(f"kv_max_history must be an int >= 1, got {kv_max_history!r}")
             if kwargs.get("logits_all"):
                 raise ValueError("logits_all=True keeps logits for the whole logical history; not supported with kv_compress")
-        super().__init__(*args, **kwargs)
+        plan = None
+        if kv_memory is not None:
+            plan, kwargs = _plan_memory(kv_memory, settings, args, kwargs)
+        if plan is None:
+            super().__init__(*args, **kwargs)
+        else:
+            with kv_layout.registered(plan.caps):
+                super().__init__(*args, **kwargs)
         self._kv: KVCompression | None = None
         if settings is not None:
             try:
                 support.check_model(self._model.model)
                 support.check_context(self, SEQ_ID)
-                support.check_fits(settings.window, settings.kv_budget, self.n_ctx(), settings.probe_cells)
-                self._kv = KVCompression(self, settings, Compactor(self))
+                compactor = Compactor(self)
+                if plan is not None and not compactor.layout.per_layer:
+                    raise ValueError(
+                        "llama.cpp did not take the per-layer memory layout (it needs one unified sequence "
+                        "and a model whose compressed layers are not shared or sliding-window only; the "
+                        "library log says why)"
+                    )
+                room = compactor.layout.n_recent if compactor.layout.per_layer else self.n_ctx()
+                support.check_fits(settings.window, settings.kv_budget, room, settings.probe_cells)
+                self._kv = KVCompression(self, settings, compactor)
             except (support.UnsupportedModelError, ValueError):
                 self.close()
                 raise
@@ -555,10 +656,12 @@ class Llama(llama_cpp.Llama):
             )
         # Chunks of at most a quarter of the cells: a compression before each chunk then
         # still keeps most of the history, even when n_batch is as large as n_ctx.
-        chunk = max(1, min(self.n_batch, (self.n_ctx() - kv.probe_reserve()) // 4))
+        # With per-layer memory a compression empties the cells new tokens go to.
+        spare = kv.room() - kv.probe_reserve()
+        chunk = max(1, min(self.n_batch, spare if self._kv.compactor.layout.per_layer else spare // 4))
         for i in range(0, len(tokens), chunk):
             batch = tokens[i : i + chunk]
-            if len(batch) + kv.probe_reserve() > self.n_ctx() - kv.cells_used():
+            if len(batch) + kv.probe_reserve() > kv.free_cells():
                 # The end of a long prompt (usually the question) is known before its
                 # beginning is compressed: it joins the observing queries every round.
                 # Free a whole chunk even for one generated token: one compression then
@@ -653,6 +756,11 @@ class Llama(llama_cpp.Llama):
         kv_bytes_free: K/V bytes of the cells free for new tokens now;
         physical_bytes_freed: bytes of the cells all compressions so far released (cumulative);
         logical_entries_dropped: (layer, KV head, token) rows compressions dropped (cumulative).
+        kv_memory: the compressed cache's bytes, read from llama.cpp's tensors and buffers:
+            allocated_bytes (the backend buffers), in_use_bytes (the rows of the sequence's
+            cells), full_cache_bytes (a stock cache of n_ctx cells), logical_full_bytes (a
+            stock cache holding every logical token), and with per-layer memory
+            (`per_layer`) the cells for new tokens (`n_recent`) and each layer's rows.
 
         What is compressed: the cells of `compressed_layers` (every layer, or on a sliding-window
         model such as Gemma-3 its global-attention layers); `cells_used`, `n_ctx`, the byte
@@ -670,7 +778,8 @@ class Llama(llama_cpp.Llama):
             "logical_tokens": int(self.n_tokens),
             "cells_used": int(cells),
             "n_ctx": int(self.n_ctx()),
-            "kv_bytes_free": (self.n_ctx() - cells) * cell_bytes if cell_bytes is not None else None,
+            "kv_bytes_free": self._kv.free_cells() * cell_bytes if cell_bytes is not None else None,
+            "kv_memory": self._memory_stats() if self._kv else None,
             "compressions": len(records),
             "rebases": self._kv.positions.rebases if self._kv else 0,
             "position_offset": self._kv.positions.offset if self._kv else 0,
@@ -686,6 +795,19 @@ class Llama(llama_cpp.Llama):
             },
         }
 
+    def _memory_stats(self) -> dict[str, Any]:
+        layout = self._kv.compactor.layout
+        seq = self._kv.compactor.seq_cells(SEQ_ID)
+        return {
+            "per_layer": layout.per_layer,
+            "n_recent": layout.n_recent if layout.per_layer else None,
+            "layer_rows": layout.rows.tolist(),
+            "allocated_bytes": layout.buffer_bytes,
+            "in_use_bytes": layout.cells_bytes(seq.cells),
+            "full_cache_bytes": layout.full_cache_bytes(),
+            "logical_full_bytes": layout.full_cache_bytes(int(self.n_tokens)),
+        }
+
     def format_kv_stats(self) -> str:
         """`kv_stats()` as readable text: a summary line and a per-layer table."""
         stats = self.kv_stats()
@@ -698,6 +820,13 @@ class Llama(llama_cpp.Llama):
         ]
         if self._kv is None:
             return "\n".join(lines)
+        mem = stats["kv_memory"]
+        lines.append(
+            f"KV memory allocated {mem['allocated_bytes']} bytes ({'per-layer' if mem['per_layer'] else 'shared pool'}"
+            + (f", {mem['n_recent']} cells for new tokens" if mem["per_layer"] else "")
+            + f") | in use {mem['in_use_bytes']} | full cache of n_ctx {mem['full_cache_bytes']} | "
+            f"full cache of the logical history {mem['logical_full_bytes']}"
+        )
         swa = stats["swa_cache"]
         if swa is not None:
             lines.append(
@@ -708,12 +837,12 @@ class Llama(llama_cpp.Llama):
         attended = self._kv.compactor.cells_owned(SEQ_ID)
         compressed = stats["compressed_layers"]
         budgets = dict(zip(compressed, stats["layer_budgets"] or [None] * len(compressed)))
-        lines.append("layer | slots kept at last compression | cells attended now")
+        lines.append("layer | slots kept at last compression | cells attended now | rows allocated")
         for layer, now in enumerate(attended.tolist()):
             if layer not in budgets:
-                lines.append(f"{layer:5d} | {'sliding window: not compressed':>30} | {'-':>18}")
+                lines.append(f"{layer:5d} | {'sliding window: not compressed':>30} | {'-':>18} | {'-':>14}")
                 continue
             kept = budgets[layer]
-            lines.append(f"{layer:5d} | {'-' if kept is None else kept:>30} | {now:>18}")
+            lines.append(f"{layer:5d} | {'-' if kept is None else kept:>30} | {now:>18} | {mem['layer_rows'][layer]:>14}")
         return "\n".join(lines)
 

@@ -12,7 +12,7 @@ import ctypes
 from typing import Any
 
 # Must equal LLAMA_KVCOMPOSE_ABI_VERSION in native/llama-kvcompose.h.
-ABI_VERSION = 1
+ABI_VERSION = 2
 
 FIX_COMMAND = "make build  (or: python scripts/build_patched_llama.py) in a kvcompose-gguf checkout"
 
@@ -103,6 +103,7 @@ def _bind_all(lib: ctypes.CDLL) -> None:
     _bind(lib, "llama_kvcompose_status_str", [ctypes.c_int32], ctypes.c_char_p)
     _bind_stats(lib)
     _bind_compaction(lib)
+    _bind_layout(lib)
 
 
 # --- attention statistics (native/kvcompose-stats.*) ---------------------------
@@ -161,6 +162,20 @@ def _bind_compaction(lib: ctypes.CDLL) -> None:
     _bind(lib, "llama_kvcompose_compact_layers", [ctx, ctypes.POINTER(ctypes.c_uint8), i32], i32)
     # llama_kvcompose_swa_cache_info(ctx, seq_id, n_cells, n_seq_cells, cell_bytes, n_window)
     _bind(lib, "llama_kvcompose_swa_cache_info", [ctx, i32, p_i32, p_i32, ctypes.POINTER(ctypes.c_uint64), p_i32], i32)
+
+
+# --- per-layer KV memory (native/kvcompose-layout.*) ----------------------------
+
+
+def _bind_layout(lib: ctypes.CDLL) -> None:
+    i32, p_i32, ctx = ctypes.c_int32, ctypes.POINTER(ctypes.c_int32), ctypes.c_void_p
+    p_u64 = ctypes.POINTER(ctypes.c_uint64)
+    # llama_kvcompose_layout_next(n_layer, caps)
+    _bind(lib, "llama_kvcompose_layout_next", [i32, p_i32], i32)
+    # llama_kvcompose_layout_get(ctx, n_layer, n_recent, rows_out, bytes_out, buffer_bytes)
+    _bind(lib, "llama_kvcompose_layout_get", [ctx, i32, p_i32, p_i32, p_u64, p_u64], i32)
+    # llama_kvcompose_layout_restore_plan(ctx, seq_id, n_cells, slot_of_cell)
+    _bind(lib, "llama_kvcompose_layout_restore_plan", [ctx, i32, i32, p_i32], i32)
 
 
 def status_str(status: int) -> str:

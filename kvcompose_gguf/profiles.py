@@ -5,8 +5,8 @@ allocation is a property of the model more than of the prompt (layer 0 keeps nea
 everything on SmolLM2, docs/RESULTS.md). `kvcompose calibrate` measures it once per model
 file, on text that ships with Python (`eval.texts`), with the reference's semantics:
 prefill a window of text, re-feed it as the observing queries, select once. Profiles are
-cached per model file; per-layer physical memory (planned, native/README.md) is to size
-each layer's region from them.
+cached per model file; per-layer physical memory (`layout`, `Llama(kv_memory=...)`) sizes
+each layer's rows from them.
 """
 
 from __future__ import annotations

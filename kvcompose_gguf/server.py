@@ -66,6 +66,10 @@ class KVModelSettings(ModelSettings):
         default="system", description="First tokens never dropped: a count, or 'system' (the leading system message)."
     )
     kv_protect_recent: int = Field(default=64, ge=1, description="Last tokens never dropped.")
+    kv_memory: Optional[Union[int, float]] = Field(
+        default=None,
+        description="Per-layer KV memory: a fraction in (0, 1) of a full n_ctx cache, or bytes; none: the full cache.",
+    )
     @field_validator("kv_protect_prefix", mode="before")
     @classmethod
     def _count_or_system(cls, value: Any) -> Any:
@@ -153,6 +157,7 @@ def load_llama(settings: KVModelSettings) -> ServedLlama:
             kv_window=settings.kv_window,
             kv_protect_prefix=settings.kv_protect_prefix,
             kv_protect_recent=settings.kv_protect_recent,
+            kv_memory=settings.kv_memory,
         )
     llm = ServedLlama(model_path=str(models.model_path(settings.model)), **kwargs)
     if settings.cache:

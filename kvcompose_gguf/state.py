@@ -84,15 +84,24 @@ def load_seq(compactor: Compactor, data: bytes, seq_id: int = 0) -> None:
             f"state for n_layer={header['n_layer']}, n_head_kv={header['n_head_kv']}; "
             f"this model has {compactor.n_layer}, {compactor.n_head_kv}"
         )
+    layout = compactor.layout
+    slot_of_cell = np.asarray(header["slot_of_cell"], dtype=np.int32)
+    if layout.per_layer:
+        _check_fits_layout(layout, header, slot_of_cell)
+        compactor.plan_restore(seq_id, slot_of_cell)
     src = (ctypes.c_uint8 * len(blob)).from_buffer_copy(blob)
     if llama_cpp.llama_state_seq_set_data(compactor._ctx, src, len(blob), seq_id) != len(blob):
-        raise RuntimeError("llama_state_seq_set_data refused the blob (model, cache type or size mismatch)")
+        raise RuntimeError("llama_state_seq_set_data refused the blob (model, cache type, size or layout mismatch)")
 
     seq = compactor.seq_cells(seq_id)
     if len(seq.cells) != header["n_cells"]:
         raise RuntimeError(f"loaded {len(seq.cells)} cells, the state has {header['n_cells']}")
     if header["layer_counts"] is not None:
-        compactor.set_layer_counts(seq_id, np.array(header["layer_counts"]), np.array(header["slot_of_cell"]))
+        compactor.set_layer_counts(seq_id, np.array(header["layer_counts"]), slot_of_cell)
+    elif layout.per_layer and (slot_of_cell >= 0).any():
+        # equal budgets leave no per-layer record; the slots keep theirs for the next save
+        uniform = np.where(compactor.layers, int(slot_of_cell.max()) + 1, 0)
+        compactor.set_layer_counts(seq_id, uniform, slot_of_cell)
 
     table = header["table"]
     if table is None:
@@ -104,6 +113,21 @@ def load_seq(compactor: Compactor, data: bytes, seq_id: int = 0) -> None:
     tokens = np.frombuffer(arrays, dtype="<i4", count=n, offset=4 * n).reshape(shape).astype(np.int32)
     slot_cells = np.array([seq.cells[r] if r >= 0 else -1 for r in table["slot_ranks"]], dtype=np.int32)
     compactor.set_table(seq_id, SlotTable(positions, tokens, np.array(table["counts"], dtype=np.int32), slot_cells))
+
+
+def _check_fits_layout(layout, header: dict, slot_of_cell: np.ndarray) -> None:
+    """Refuse, before anything is loaded, a state whose slots this per-layer layout cannot hold."""
+    counts = header["layer_counts"]
+    owned = np.asarray(counts) if counts is not None else np.where(layout.held, int(slot_of_cell.max()) + 1, 0)
+    over = np.flatnonzero(layout.held & (owned > layout.caps))
+    if len(over):
+        l = int(over[0])
+        raise ValueError(f"the state's layer {l} owns {int(owned[l])} composite slots; this context's per-layer "
+                         f"memory holds {int(layout.caps[l])} there")
+    plain = int((slot_of_cell < 0).sum())
+    if plain > layout.n_recent:
+        raise ValueError(f"the state holds {plain} uncompressed cells; this context's per-layer memory has "
+                         f"{layout.n_recent} cells for them")
 
 
 def _unpack(data: bytes) -> tuple[dict, bytes, bytes]:

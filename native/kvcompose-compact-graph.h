@@ -24,6 +24,7 @@ void llama_kvcompose_set_layer_bias(const llama_kv_cache_context * mctx, const s
 // a graph built with `bias` is reusable only if the same layers still need a bias
 bool llama_kvcompose_can_reuse_layer_bias(const llama_kv_cache_context * mctx, const std::vector<ggml_tensor *> & bias);
 
-// the mask layer il attends with: kq_mask itself, or kq_mask + bias[il]
-ggml_tensor * llama_kvcompose_layer_mask(
-        ggml_context * ctx, ggml_tensor * kq_mask, const std::vector<ggml_tensor *> & bias, int32_t il);
+// the mask layer il attends with: kq_mask itself, or kq_mask + bias[il]; in a per-layer
+// layout only its first columns, the cells the layer holds rows for
+ggml_tensor * llama_kvcompose_layer_mask(ggml_context * ctx, const llama_kv_cache_context * mctx,
+        ggml_tensor * kq_mask, const std::vector<ggml_tensor *> & bias, int32_t il);

@@ -7,6 +7,7 @@
 // (kvcompose-compact-graph.h).
 
 #include "llama-kvcompose.h"
+#include "kvcompose-access.h"
 #include "kvcompose-compact-graph.h"
 
 #include "llama-context.h"
@@ -22,44 +23,13 @@
 #include <cmath>
 #include <vector>
 
-// friend of llama_kv_cache: the only place that reads or writes its private members
-struct llama_kvcompose_access {
-    static llama_kv_cells & cells(llama_kv_cache & kv, uint32_t strm) { return kv.v_cells[strm]; }
-    static const llama_kv_cells & cells(const llama_kv_cache & kv, uint32_t strm) { return kv.v_cells[strm]; }
-
-    static uint32_t stream_of(const llama_kv_cache & kv, llama_seq_id seq_id) { return kv.seq_to_stream[seq_id]; }
-    static uint32_t n_seq_max(const llama_kv_cache & kv) { return kv.n_seq_max; }
-    static uint32_t n_stream (const llama_kv_cache & kv) { return kv.n_stream; }
-    static bool     v_trans  (const llama_kv_cache & kv) { return kv.v_trans; }
-    static bool pending_copies(const llama_kv_cache & kv) { return !kv.sc_info.empty(); }
-    static bool has_other    (const llama_kv_cache & kv) { return kv.other != nullptr; }
-    static llama_swa_type swa_type(const llama_kv_cache & kv) { return kv.swa_type; }
-    static const llama_hparams & hparams(const llama_kv_cache & kv) { return kv.hparams; }
-
-    static const std::vector<llama_kv_cache::kv_layer> & layers(const llama_kv_cache & kv) { return kv.layers; }
-    static int32_t layer_index(const llama_kv_cache & kv, int32_t il) {
-        const auto it = kv.map_layer_ids.find(il);
-        return it == kv.map_layer_ids.end() ? -1 : it->second;
-    }
-
-    static std::vector<std::vector<int32_t>> & budgets(llama_kv_cache & kv) { return kv.kvcompose_budgets; }
-    static const std::vector<std::vector<int32_t>> & budgets(const llama_kv_cache & kv) { return kv.kvcompose_budgets; }
-
-    static void set_head(llama_kv_cache & kv, uint32_t strm, uint32_t head) { kv.v_heads[strm] = head; }
-
-    static const llama_kv_cache & kv_of(const llama_kv_cache_context & mctx) { return *mctx.kv; }
-    static const llama_kv_cache::slot_info & sinfo_of(const llama_kv_cache_context & mctx) { return mctx.sinfos[mctx.i_cur]; }
-};
-
 using access = llama_kvcompose_access;
-
-namespace {
 
 // The cache compaction works on: a plain KV cache, or the base (full-attention) cache of an
 // iSWA memory. An iSWA model's sliding-window layers keep their K/V in a second cache that
 // llama.cpp already bounds to the window; compaction never touches it. nullptr when the memory
 // is something else (recurrent, hybrid, ...) or the cache shares its cells with another one.
-llama_kv_cache * compact_cache(llama_context * ctx) {
+llama_kv_cache * llama_kvcompose_compact_cache(llama_context * ctx) {
     if (ctx == nullptr) {
         return nullptr;
     }
@@ -73,6 +43,8 @@ llama_kv_cache * compact_cache(llama_context * ctx) {
     }
     return kv;
 }
+
+namespace {
 
 // the sliding-window cache of an iSWA memory, nullptr for any other memory
 const llama_kv_cache * swa_cache(llama_context * ctx) {
@@ -110,6 +82,13 @@ int32_t list_seq_cells(const llama_kv_cells & cells, llama_seq_id seq_id, int32_
 // whether model layer il has its K/V in this cache
 bool holds_layer(const llama_kv_cache & kv, int32_t il) {
     return access::layer_index(kv, il) >= 0;
+}
+
+// the cells [0, width) layer il attends to out of the n_kv the mask covers: all of them,
+// or only those it holds rows for in a per-layer layout
+int64_t layer_width(const llama_kv_cache & kv, int32_t il, int64_t n_kv) {
+    const int32_t ikv = access::layer_index(kv, il);
+    return ikv < 0 ? n_kv : std::min<int64_t>(n_kv, access::layers(kv)[ikv].k->ne[1]);
 }
 
 bool seq_id_valid(const llama_kv_cache & kv, llama_seq_id seq_id) {
@@ -235,19 +214,32 @@ int32_t validate(const llama_kv_cache & kv, llama_seq_id seq_id, const llama_pos
         return LLAMA_KVCOMPOSE_ERR_RANGE;
     }
 
-    // destinations: the lowest cells that are free or held by this sequence alone, so that no
-    // other sequence's rows are overwritten
+    // destinations: cells that are free or held by this sequence alone, so that no other
+    // sequence's rows are overwritten. The lowest such cells in a shared pool; with a per-layer
+    // layout, slot j's own cell n_recent + j, which a layer holds only while j < its capacity.
+    const uint32_t n_recent = access::n_recent(kv);
     for (uint32_t c = 0; c < size; ++c) {
         const bool own = !cells.is_empty(c) && cells.seq_has(c, seq_id);
         if (own) {
             plan.seq_cells.push_back(c);
         }
-        if ((int32_t) plan.dst_cells.size() < plan.n_slots && (cells.is_empty(c) || (own && cells.seq_count(c) == 1))) {
+        if ((int32_t) plan.dst_cells.size() < plan.n_slots && c >= n_recent && (cells.is_empty(c) || (own && cells.seq_count(c) == 1))) {
             plan.dst_cells.push_back(c);
         }
     }
     if ((int32_t) plan.dst_cells.size() < plan.n_slots) {
         return LLAMA_KVCOMPOSE_ERR_RANGE;
+    }
+    if (n_recent > 0) {
+        if (plan.dst_cells.back() != n_recent + plan.n_slots - 1) {
+            return LLAMA_KVCOMPOSE_ERR_RANGE; // another sequence holds a slot cell
+        }
+        for (int32_t il = 0; il < plan.n_layer; ++il) {
+            const int32_t ikv = access::layer_index(kv, il);
+            if (ikv >= 0 && (int64_t) n_recent + plan.counts[il] > access::layers(kv)[ikv].k_stream[plan.strm]->ne[1]) {
+                return LLAMA_KVCOMPOSE_ERR_RANGE;
+            }
+        }
     }
     return LLAMA_KVCOMPOSE_OK;
 }
@@ -754,11 +746,13 @@ void rewrite_cells(llama_kv_cache & kv, llama_seq_id seq_id, const compaction_pl
         const uint32_t c = plan.dst_cells[j];
         cells.pos_set(c, slot_positions[j]);
         cells.seq_add(c, seq_id);
-        if (budget >= 0) {
+        // a per-layer layout records every slot, so that a saved sequence restores into its cells
+        if (budget >= 0 || access::n_recent(kv) > 0) {
             cells.layers_set(c, { budget, j });
         }
     }
-    access::set_head(kv, plan.strm, (plan.dst_cells.back() + 1) % cells.size());
+    // new tokens go below n_recent in a per-layer layout
+    access::set_head(kv, plan.strm, access::n_recent(kv) > 0 ? 0 : (plan.dst_cells.back() + 1) % cells.size());
 }
 
 } // namespace
@@ -777,7 +771,7 @@ int32_t llama_kvcompose_compact_seq(
     if (ctx == nullptr || counts == nullptr || cells == nullptr || slot_positions == nullptr || layer_offsets != nullptr) {
         return LLAMA_KVCOMPOSE_ERR_ARGUMENT;
     }
-    llama_kv_cache * kv = compact_cache(ctx);
+    llama_kv_cache * kv = llama_kvcompose_compact_cache(ctx);
     if (kv == nullptr) {
         return LLAMA_KVCOMPOSE_ERR_UNSUPPORTED;
     }
@@ -840,7 +834,7 @@ int32_t llama_kvcompose_seq_cells(
         (capacity > 0 && (cells_out == nullptr || positions_out == nullptr))) {
         return LLAMA_KVCOMPOSE_ERR_ARGUMENT;
     }
-    const llama_kv_cache * kv = compact_cache(ctx);
+    const llama_kv_cache * kv = llama_kvcompose_compact_cache(ctx);
     if (kv == nullptr) {
         return LLAMA_KVCOMPOSE_ERR_UNSUPPORTED;
     }
@@ -862,7 +856,7 @@ int32_t llama_kvcompose_cell_bytes(llama_context * ctx, uint64_t * bytes) {
     if (ctx == nullptr || bytes == nullptr) {
         return LLAMA_KVCOMPOSE_ERR_ARGUMENT;
     }
-    const llama_kv_cache * kv = compact_cache(ctx);
+    const llama_kv_cache * kv = llama_kvcompose_compact_cache(ctx);
     if (kv == nullptr) {
         return LLAMA_KVCOMPOSE_ERR_UNSUPPORTED;
     }
@@ -874,7 +868,7 @@ int32_t llama_kvcompose_compact_layers(llama_context * ctx, uint8_t * out, int32
     if (ctx == nullptr || out == nullptr) {
         return LLAMA_KVCOMPOSE_ERR_ARGUMENT;
     }
-    const llama_kv_cache * kv = compact_cache(ctx);
+    const llama_kv_cache * kv = llama_kvcompose_compact_cache(ctx);
     if (kv == nullptr) {
         return LLAMA_KVCOMPOSE_ERR_UNSUPPORTED;
     }
@@ -897,7 +891,7 @@ int32_t llama_kvcompose_swa_cache_info(
     if (ctx == nullptr) {
         return LLAMA_KVCOMPOSE_ERR_ARGUMENT;
     }
-    const llama_kv_cache * kv = compact_cache(ctx);
+    const llama_kv_cache * kv = llama_kvcompose_compact_cache(ctx);
     if (kv == nullptr) {
         return LLAMA_KVCOMPOSE_ERR_UNSUPPORTED;
     }
@@ -928,7 +922,7 @@ int32_t llama_kvcompose_seq_layer_counts(
     if (ctx == nullptr || counts_out == nullptr || capacity < 0 || (capacity > 0 && slot_of_cell_out == nullptr)) {
         return LLAMA_KVCOMPOSE_ERR_ARGUMENT;
     }
-    const llama_kv_cache * kv = compact_cache(ctx);
+    const llama_kv_cache * kv = llama_kvcompose_compact_cache(ctx);
     if (kv == nullptr) {
         return LLAMA_KVCOMPOSE_ERR_UNSUPPORTED;
     }
@@ -950,7 +944,7 @@ int32_t llama_kvcompose_seq_layer_counts(
             std::copy(budgets[cl.budget].begin(), budgets[cl.budget].end(), counts_out);
         }
         if (n < capacity) {
-            slot_of_cell_out[n] = cl.budget >= 0 ? cl.slot : -1;
+            slot_of_cell_out[n] = cl.slot;
         }
         ++n;
     }
@@ -967,7 +961,7 @@ int32_t llama_kvcompose_seq_set_layer_counts(
     if (ctx == nullptr || counts == nullptr || slot_of_cell == nullptr || n_cells < 1) {
         return LLAMA_KVCOMPOSE_ERR_ARGUMENT;
     }
-    llama_kv_cache * kv = compact_cache(ctx);
+    llama_kv_cache * kv = llama_kvcompose_compact_cache(ctx);
     if (kv == nullptr) {
         return LLAMA_KVCOMPOSE_ERR_UNSUPPORTED;
     }
@@ -1005,6 +999,10 @@ int32_t llama_kvcompose_seq_set_layer_counts(
     for (int32_t il = 0; il < n_layer; ++il) {
         const bool held = holds_layer(*kv, il);
         if (held ? (counts[il] < 1 || counts[il] > n_slots) : counts[il] != 0) {
+            return LLAMA_KVCOMPOSE_ERR_RANGE;
+        }
+        // in a per-layer layout a layer owns no slot it holds no row for
+        if (held && access::n_recent(*kv) > 0 && layer_width(*kv, il, access::n_recent(*kv) + counts[il]) < access::n_recent(*kv) + counts[il]) {
             return LLAMA_KVCOMPOSE_ERR_RANGE;
         }
     }
@@ -1062,7 +1060,7 @@ std::vector<ggml_tensor *> llama_kvcompose_build_layer_bias(
     std::vector<ggml_tensor *> bias(masked.size(), nullptr);
     for (size_t il = 0; il < masked.size(); ++il) {
         if (masked[il]) {
-            bias[il] = ggml_new_tensor_4d(ctx, kq_mask->type, kq_mask->ne[0], 1, 1, kq_mask->ne[3]);
+            bias[il] = ggml_new_tensor_4d(ctx, kq_mask->type, layer_width(access::kv_of(*mctx), (int32_t) il, kq_mask->ne[0]), 1, 1, kq_mask->ne[3]);
             ggml_set_input(bias[il]);
             ggml_format_name(bias[il], "kvcompose_bias-%zu", il);
         }
@@ -1118,10 +1116,17 @@ bool llama_kvcompose_can_reuse_layer_bias(const llama_kv_cache_context * mctx, c
     return true;
 }
 
-ggml_tensor * llama_kvcompose_layer_mask(
-        ggml_context * ctx, ggml_tensor * kq_mask, const std::vector<ggml_tensor *> & bias, int32_t il) {
-    if (il < 0 || (size_t) il >= bias.size() || bias[il] == nullptr) {
-        return kq_mask;
+ggml_tensor * llama_kvcompose_layer_mask(ggml_context * ctx, const llama_kv_cache_context * mctx,
+        ggml_tensor * kq_mask, const std::vector<ggml_tensor *> & bias, int32_t il) {
+    const int64_t width = layer_width(access::kv_of(*mctx), il, kq_mask->ne[0]);
+    ggml_tensor * mask = kq_mask;
+    if (width < kq_mask->ne[0]) {
+        mask = ggml_view_4d(ctx, kq_mask, width, kq_mask->ne[1], kq_mask->ne[2], kq_mask->ne[3],
+                kq_mask->nb[1], kq_mask->nb[2], kq_mask->nb[3], 0);
     }
-    return ggml_add(ctx, kq_mask, bias[il]);
+    if (il >= 0 && (size_t) il < bias.size() && bias[il] != nullptr) {
+        return ggml_add(ctx, mask, bias[il]);
+    }
+    // flash attention and soft_max take a contiguous mask only
+    return ggml_is_contiguous(mask) ? mask : ggml_cont(ctx, mask);
 }

@@ -45,7 +45,9 @@ extern "C" {
 //   slot_positions : [n_slots] positions given to the slots; each in [0, pos_max] and their
 //                    maximum must equal llama_memory_seq_pos_max(seq_id), so the next token
 //                    still goes at pos_max + 1
-//   layer_offsets  : reserved for per-layer physical capacities; must be NULL
+//   layer_offsets  : reserved; must be NULL. Per-layer physical capacities are fixed when the
+//                    cache is allocated (llama-kvcompose-layout.h): there slot j goes to cell
+//                    n_recent + j, and counts[l] may not exceed layer l's capacity (ERR_RANGE)
 //   slot_cells_out : optional [n_slots]; receives the cell that now holds slot j
 // Everything is validated before anything is touched; on any error the cache is unchanged.
 // An iSWA memory's sliding-window cache keeps its cells; its newest position for seq_id must
@@ -108,7 +110,8 @@ LLAMA_API int32_t llama_kvcompose_swa_cache_info(
 //                a layer the compacted cache does not hold (iSWA sliding-window layers)
 //   slot_of_cell_out : optional [capacity]; for the sequence's cells in ascending cell order
 //                (as llama_kvcompose_seq_cells lists them), the slot index j of a cell
-//                whose ownership is restricted, else -1
+//                whose ownership is restricted or, in a per-layer layout
+//                (llama-kvcompose-layout.h), of every composite slot; else -1
 // A saved state records both; llama_kvcompose_seq_set_layer_counts restores them.
 LLAMA_API int32_t llama_kvcompose_seq_layer_counts(
         struct llama_context * ctx,

@@ -15,7 +15,7 @@ extern "C" {
 
 // Bumped whenever a function below changes signature or meaning. The Python
 // package refuses to run against a library whose version differs from its own.
-#define LLAMA_KVCOMPOSE_ABI_VERSION 1
+#define LLAMA_KVCOMPOSE_ABI_VERSION 2
 
 enum llama_kvcompose_status {
     LLAMA_KVCOMPOSE_OK              =  0,
@@ -41,3 +41,4 @@ LLAMA_API const char * llama_kvcompose_status_str(int32_t status);
 // Each concern declares its functions in its own header.
 #include "llama-kvcompose-stats.h"
 #include "llama-kvcompose-compact.h"
+#include "llama-kvcompose-layout.h"

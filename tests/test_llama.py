@@ -420,7 +420,9 @@ def test_format_kv_stats_is_a_per_layer_table_of_what_the_cache_holds(tiny_model
     llm.eval(llm.tokenize(LONG_TEXT.encode())[:400])
     text = llm.format_kv_stats()
     stats = llm.kv_stats()
-    rows = [line.split("|") for line in text.splitlines()[3:]]
+    lines = text.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("layer |"))
+    rows = [line.split("|") for line in lines[header + 1 :]]
     n_layer = llama_cpp.llama_model_n_layer(llm._model.model)
     n_head_kv = llama_cpp.llama_model_n_head_kv(llm._model.model)
     assert [int(r[0]) for r in rows] == list(range(n_layer))
@@ -430,6 +432,8 @@ def test_format_kv_stats_is_a_per_layer_table_of_what_the_cache_holds(tiny_model
     # every evaluated token added one entry per layer and head; compactions dropped the rest
     assert n_head_kv * attended.sum() == n_layer * n_head_kv * stats["logical_tokens"] - stats["logical_entries_dropped"]
     assert f"logical tokens {stats['logical_tokens']} " in text and f"compressions {stats['compressions']} " in text
+    assert [int(r[3]) for r in rows] == stats["kv_memory"]["layer_rows"] == [llm.n_ctx()] * n_layer
+    assert f"KV memory allocated {stats['kv_memory']['allocated_bytes']} bytes (shared pool)" in text
 
 
 ASCII_ONLY = {str(3 + b): -100.0 for b in range(128, 256)}  # byte tokens: llama-cpp-python's stream

@@ -120,7 +120,8 @@ def compressed_kv_usage(llm) -> KvUsage:
     stats = llm.kv_stats()
     compactor = llm._kv.compactor
     owned = compactor.cells_owned(0)
-    physical = stats["cells_used"] * compactor.cell_bytes()
+    # each cell in the layers that hold a row for it (all of them in a shared pool)
+    physical = compactor.layout.cells_bytes(compactor.seq_cells(0).cells)
     swa = compactor.swa_cache(0)
     if swa is not None:  # an iSWA model's sliding-window layers: their own cache, never compressed
         owned[swa.layers] = swa.n_seq_cells
@@ -143,6 +144,13 @@ _COMPRESSING = {
     "streaming": "StreamingLLM: sink + recent tokens (what llama.cpp's context shift amounts to)",
 }
 
+def memory_details(llm) -> dict:
+    """The allocation the sample ran in, measured from llama.cpp's tensors."""
+    mem = llm.kv_stats()["kv_memory"]
+    return {"allocated_bytes": mem["allocated_bytes"], "per_layer": mem["per_layer"], "n_recent": mem["n_recent"],
+            "layer_rows": mem["layer_rows"]}
+
+
 _REGISTRY: dict[str, Method] = {FULL.name: FULL}
 for _name, _description in _COMPRESSING.items():
     _REGISTRY[_name] = Method(
@@ -152,7 +160,44 @@ for _name, _description in _COMPRESSING.items():
         kv_usage=compressed_kv_usage,
         compresses=True,
         observation_modes=OBSERVATION_MODES,
+        details=memory_details,
     )
+
+
+def _per_layer_memory_factory(policy: str) -> Callable[..., Any]:
+    """`policy` with per-layer physical memory in the bytes of the others' n_ctx cells: the
+    full cache's cells (n_ctx / kv_budget), each layer sized from the model's profile so the
+    allocation is n_ctx cells' worth of bytes (`Llama(kv_memory=...)`)."""
+    shared_pool = _factory(policy)
+
+    def create(model_path, *, n_ctx, kv_budget=None, observe=None, logits_all=False, seed=0, n_threads=None):
+        from kvcompose_gguf.layout import cache_cells
+        from kvcompose_gguf.llama import Llama
+
+        pool = cache_cells(n_ctx)  # what the shared pool of n_ctx really allocates
+        cells = cache_cells(int(n_ctx / (kv_budget or 1.0)))
+        if cells <= pool:  # nothing to spread: the shared pool itself
+            return shared_pool(model_path, n_ctx=n_ctx, kv_budget=kv_budget, observe=observe,
+                               logits_all=logits_all, seed=seed, n_threads=n_threads)
+        return Llama(
+            model_path=str(model_path), n_ctx=cells, kv_memory=pool / cells, kv_compress=policy,
+            kv_budget=kv_budget, kv_observe=observe or "window", logits_all=logits_all, seed=seed,
+            n_threads=n_threads, verbose=False,
+        )
+
+    return create
+
+
+_REGISTRY["kvcompose-layers"] = Method(
+    name="kvcompose-layers",
+    description="KVCompose with per-layer physical memory: the full cache's cells, each layer's rows sized "
+    "from the model's profile (`kvcompose calibrate`) to the same bytes as the others' n_ctx",
+    create=_per_layer_memory_factory("kvcompose"),
+    kv_usage=compressed_kv_usage,
+    compresses=True,
+    observation_modes=OBSERVATION_MODES,
+    details=memory_details,
+)
 
 # Names that need more than a registry entry, with what to say.
 _PLANNED = {

@@ -166,6 +166,9 @@ def run_calibrate(args: argparse.Namespace) -> int:
         print(f"{path.name}: share of the window each layer keeps (KVCompose, repeat observation)")
         print("layer | " + " | ".join(f"kv_budget {b}" for b in budgets))
         for layer in range(len(next(iter(result.values())).keep_fractions)):
+            if not any(result[b].keep_fractions[layer] for b in budgets):
+                print(f"{layer:5d} | not compressed (sliding-window cache)")
+                continue
             print(f"{layer:5d} | " + " | ".join(f"{result[b].keep_fractions[layer]:.3f}" for b in budgets))
     print(where, file=sys.stderr)
     return 0
@@ -266,6 +269,7 @@ class TurnStats:
     last_compression_seconds: float | None
     kv_bytes_allocated: int
     kv_bytes_full_cache: int  # what a full cache of logical_tokens cells would need
+    kv_bytes_full_n_ctx: int  # what a full cache of n_ctx cells takes (more than allocated with --kv-memory)
     layer_budgets: list | None
     reply_tokens: int
     stopped: str
@@ -274,7 +278,10 @@ class TurnStats:
         line = f"[turn {self.turn} | tokens {self.logical_tokens} | cells {self.cells_used}/{self.n_ctx}"
         if self.compressions:
             line += f" | {self.compressions} compressions, last {self.last_compression_seconds:.2f} s"
-        line += f" | KV {self.kv_bytes_allocated / 2**20:.1f} MiB (full cache: {self.kv_bytes_full_cache / 2**20:.1f} MiB)"
+        line += f" | KV {self.kv_bytes_allocated / 2**20:.1f} MiB"
+        if self.kv_bytes_full_n_ctx != self.kv_bytes_allocated:
+            line += f" of a full {self.n_ctx}-cell cache's {self.kv_bytes_full_n_ctx / 2**20:.1f}"
+        line += f" (full cache: {self.kv_bytes_full_cache / 2**20:.1f} MiB)"
         if self.layer_budgets:
             line += f" | layers {sparkline(self.layer_budgets)}"
         return line + f" | {self.stopped}]"
@@ -379,6 +386,7 @@ class ChatSession:
             last_compression_seconds=kv["last_compression_seconds"],
             kv_bytes_allocated=allocated,
             kv_bytes_full_cache=kv_bytes_full_cache(self.llm, kv["logical_tokens"]),
+            kv_bytes_full_n_ctx=kv_bytes_full_cache(self.llm, kv["n_ctx"]),
             layer_budgets=kv["layer_budgets"],
             reply_tokens=reply_tokens,
             stopped=stopped,

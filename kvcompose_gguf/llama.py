@@ -52,7 +52,7 @@ def _plan_memory(kv_memory, settings, args, kwargs) -> tuple["kv_layout.LayoutPl
         raise TypeError(f"kv_memory must be a fraction in (0, 1) or an int number of bytes, got {kv_memory!r}")
     cells = kv_layout.cache_cells(n_ctx)
     row_bytes = kv_layout.model_row_bytes(model_path, kwargs.get("type_k"), kwargs.get("type_v"))
-    found = profiles.load(model_path) or {}
+    found = {b: p for b, p in (profiles.load(model_path) or {}).items() if len(p.keep_fractions) == len(row_bytes)}
     if found:
         # 0: a sliding-window layer, whose K/V live in another cache
         compressed = np.asarray(next(iter(found.values())).keep_fractions) > 0
@@ -536,12 +536,14 @@ class CachePositions:
 
 
 def _within_capacities(kv_budget, observation, caps: np.ndarray):
-    """The budget, lowered to what per-layer capacities can hold in all: a fraction of the
-    layers' tokens, or an int count per layer."""
+    """The budget, lowered to what per-layer capacities can hold: a layer keeps at most its
+    capacity and at most its tokens. A fraction of all layers' tokens, or an int count per
+    layer."""
     layer_tokens = (observation.positions >= 0).any(axis=1).sum(axis=1)
     if isinstance(kv_budget, float):
-        return min(kv_budget, float(caps.sum()) / float(max(1, layer_tokens.sum())))
-    return min(kv_budget, int(caps.sum()) // len(caps))
+        holdable = int(np.minimum(caps, layer_tokens).sum())
+        return min(kv_budget, holdable / float(max(1, layer_tokens.sum())))
+    return min(kv_budget, int(caps.min()))
 
 
 def _without_positions_from(observation, first: int):

@@ -23,12 +23,15 @@ import numpy as np
 
 from . import models
 
-PROFILE_VERSION = 1
+# 2: keep_fractions has every model layer (0 for one outside the compressed cache)
+PROFILE_VERSION = 2
 
 
 @dataclass(frozen=True)
 class LayerProfile:
-    """keep_fractions[l]: mean over the windows of (slots layer l keeps) / (window tokens)."""
+    """keep_fractions[l]: mean over the windows of (slots layer l keeps) / (window tokens), for
+    every model layer; 0 for a layer whose K/V are not compressed (an iSWA model's
+    sliding-window layers)."""
 
     kv_budget: float
     keep_fractions: tuple[float, ...]
@@ -56,7 +59,9 @@ def one_shot_layer_counts(model_path, context: Sequence[int], kv_budget: float, 
     try:
         llm.eval(list(context))
         record = llm.compress(kv_budget, observe="repeat")
-        return {"layer_counts": [int(x) for x in record.layer_counts], "observe": record.observe}
+        layers = llm._kv.compactor.layers
+        return {"layer_counts": [int(x) for x in record.layer_counts], "observe": record.observe,
+                "compressed_layers": np.flatnonzero(layers).tolist(), "n_layer": len(layers)}
     finally:
         llm.close()
 
@@ -103,8 +108,10 @@ def calibrate(
         for i, context in enumerate(contexts):
             if progress:
                 progress(f"kv_budget {budget}: window {i + 1}/{len(contexts)}")
-            counts = one_shot_layer_counts(model_path, context, budget, n_threads)["layer_counts"]
-            fractions.append(np.asarray(counts, dtype=np.float64) / len(context))
+            one_shot = one_shot_layer_counts(model_path, context, budget, n_threads)
+            kept = np.zeros(one_shot["n_layer"])
+            kept[one_shot["compressed_layers"]] = one_shot["layer_counts"]
+            fractions.append(kept / len(context))
         stacked = np.stack(fractions)
         profiles[budget] = LayerProfile(
             kv_budget=budget,

@@ -44,3 +44,7 @@ struct llama_kvcompose_access {
 // The cache compaction and the per-layer layout work on: a plain KV cache, or the base
 // (full-attention) cache of an iSWA memory; nullptr for any other memory.
 llama_kv_cache * llama_kvcompose_compact_cache(llama_context * ctx);
+
+// that cache, for a C API call about all n_layer model layers of a non-null ctx: returns
+// LLAMA_KVCOMPOSE_OK with kv set, or the status the call answers with
+int32_t llama_kvcompose_cache_for_layers(llama_context * ctx, int32_t n_layer, llama_kv_cache *& kv);

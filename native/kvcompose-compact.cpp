@@ -44,6 +44,14 @@ llama_kv_cache * llama_kvcompose_compact_cache(llama_context * ctx) {
     return kv;
 }
 
+int32_t llama_kvcompose_cache_for_layers(llama_context * ctx, int32_t n_layer, llama_kv_cache *& kv) {
+    kv = llama_kvcompose_compact_cache(ctx);
+    if (kv == nullptr) {
+        return LLAMA_KVCOMPOSE_ERR_UNSUPPORTED;
+    }
+    return n_layer == llama_model_n_layer(&ctx->get_model()) ? LLAMA_KVCOMPOSE_OK : LLAMA_KVCOMPOSE_ERR_ARGUMENT;
+}
+
 namespace {
 
 // the sliding-window cache of an iSWA memory, nullptr for any other memory
@@ -868,12 +876,10 @@ int32_t llama_kvcompose_compact_layers(llama_context * ctx, uint8_t * out, int32
     if (ctx == nullptr || out == nullptr) {
         return LLAMA_KVCOMPOSE_ERR_ARGUMENT;
     }
-    const llama_kv_cache * kv = llama_kvcompose_compact_cache(ctx);
-    if (kv == nullptr) {
-        return LLAMA_KVCOMPOSE_ERR_UNSUPPORTED;
-    }
-    if (n_layer != llama_model_n_layer(&ctx->get_model())) {
-        return LLAMA_KVCOMPOSE_ERR_ARGUMENT;
+    llama_kv_cache * kv = nullptr;
+    const int32_t rc = llama_kvcompose_cache_for_layers(ctx, n_layer, kv);
+    if (rc != LLAMA_KVCOMPOSE_OK) {
+        return rc;
     }
     for (int32_t il = 0; il < n_layer; ++il) {
         out[il] = holds_layer(*kv, il) ? 1 : 0;
@@ -922,11 +928,12 @@ int32_t llama_kvcompose_seq_layer_counts(
     if (ctx == nullptr || counts_out == nullptr || capacity < 0 || (capacity > 0 && slot_of_cell_out == nullptr)) {
         return LLAMA_KVCOMPOSE_ERR_ARGUMENT;
     }
-    const llama_kv_cache * kv = llama_kvcompose_compact_cache(ctx);
-    if (kv == nullptr) {
-        return LLAMA_KVCOMPOSE_ERR_UNSUPPORTED;
+    llama_kv_cache * kv = nullptr;
+    const int32_t rc = llama_kvcompose_cache_for_layers(ctx, n_layer, kv);
+    if (rc != LLAMA_KVCOMPOSE_OK) {
+        return rc;
     }
-    if (!seq_id_valid(*kv, seq_id) || n_layer != llama_model_n_layer(&ctx->get_model())) {
+    if (!seq_id_valid(*kv, seq_id)) {
         return LLAMA_KVCOMPOSE_ERR_ARGUMENT;
     }
     const auto & cells = access::cells(*kv, access::stream_of(*kv, seq_id));
@@ -961,11 +968,12 @@ int32_t llama_kvcompose_seq_set_layer_counts(
     if (ctx == nullptr || counts == nullptr || slot_of_cell == nullptr || n_cells < 1) {
         return LLAMA_KVCOMPOSE_ERR_ARGUMENT;
     }
-    llama_kv_cache * kv = llama_kvcompose_compact_cache(ctx);
-    if (kv == nullptr) {
-        return LLAMA_KVCOMPOSE_ERR_UNSUPPORTED;
+    llama_kv_cache * kv = nullptr;
+    const int32_t rc = llama_kvcompose_cache_for_layers(ctx, n_layer, kv);
+    if (rc != LLAMA_KVCOMPOSE_OK) {
+        return rc;
     }
-    if (!seq_id_valid(*kv, seq_id) || n_layer != llama_model_n_layer(&ctx->get_model())) {
+    if (!seq_id_valid(*kv, seq_id)) {
         return LLAMA_KVCOMPOSE_ERR_ARGUMENT;
     }
     const uint32_t strm = access::stream_of(*kv, seq_id);

@@ -74,9 +74,14 @@ llama_kvcompose_layout llama_kvcompose_take_layout(
     return layout;
 }
 
-void llama_kvcompose_write_cells(llama_io_write_i & io, ggml_tensor * t, size_t base, uint32_t first, uint32_t n, size_t cell_bytes) {
+// how many of cells [first, first + n) the layer tensor t holds a row for
+static uint32_t held_cells(const ggml_tensor * t, uint32_t first, uint32_t n) {
     const uint32_t rows = (uint32_t) t->ne[1];
-    const uint32_t held = first >= rows ? 0 : std::min(n, rows - first);
+    return first >= rows ? 0 : std::min(n, rows - first);
+}
+
+void llama_kvcompose_write_cells(llama_io_write_i & io, ggml_tensor * t, size_t base, uint32_t first, uint32_t n, size_t cell_bytes) {
+    const uint32_t held = held_cells(t, first, n);
     if (held > 0) {
         io.write_tensor(t, base + (size_t) first*cell_bytes, (size_t) held*cell_bytes);
     }
@@ -87,8 +92,7 @@ void llama_kvcompose_write_cells(llama_io_write_i & io, ggml_tensor * t, size_t 
 }
 
 void llama_kvcompose_read_cells(llama_io_read_i & io, ggml_tensor * t, size_t base, uint32_t first, uint32_t n, size_t cell_bytes) {
-    const uint32_t rows = (uint32_t) t->ne[1];
-    const uint32_t held = first >= rows ? 0 : std::min(n, rows - first);
+    const uint32_t held = held_cells(t, first, n);
     if (held > 0) {
         io.read_tensor(t, base + (size_t) first*cell_bytes, (size_t) held*cell_bytes);
     }
@@ -210,12 +214,10 @@ int32_t llama_kvcompose_layout_get(
     if (ctx == nullptr || n_recent == nullptr) {
         return LLAMA_KVCOMPOSE_ERR_ARGUMENT;
     }
-    const llama_kv_cache * kv = llama_kvcompose_compact_cache(ctx);
-    if (kv == nullptr) {
-        return LLAMA_KVCOMPOSE_ERR_UNSUPPORTED;
-    }
-    if (n_layer != llama_model_n_layer(&ctx->get_model())) {
-        return LLAMA_KVCOMPOSE_ERR_ARGUMENT;
+    llama_kv_cache * kv = nullptr;
+    const int32_t rc = llama_kvcompose_cache_for_layers(ctx, n_layer, kv);
+    if (rc != LLAMA_KVCOMPOSE_OK) {
+        return rc;
     }
     *n_recent = (int32_t) access::n_recent(*kv);
     for (int32_t il = 0; il < n_layer; ++il) {

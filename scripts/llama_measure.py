@@ -2,6 +2,7 @@
 
     python scripts/llama_measure.py passkey --samples 8 [--observe repeat] [--seed0 0]
     python scripts/llama_measure.py chat --samples 6
+    python scripts/llama_measure.py passkey --samples 8 --policies kvcompose --n-ctx 1536 --kv-memory 0.5
 
 passkey: a needle (eval.tasks.niah) in a ~1.5k-token prompt at n_ctx 768. Stock
 llama_cpp.Llama refuses the prompt; each policy answers from a compressed cache.
@@ -9,7 +10,9 @@ chat: a multi-turn chat (eval.tasks.chat_recall, RULER's noise as filler turns) 
 4x n_ctx long, the model's own replies in between; the last question recalls the magic
 number of the first turn. For a compressing policy, each row also lists after every turn
 how many (layer, KV head) pairs still hold all tokens of the number (of 30 x 3).
-Prints one JSON object per policy and sample, then a summary line.
+--kv-memory gives the compressing policies per-layer physical memory (`Llama(kv_memory=...)`):
+n_ctx cells, in that fraction of a full cache's bytes. Prints one JSON object per policy and
+sample, then a summary line.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import llama_cpp
 import numpy as np
 
 from kvcompose_gguf import models
+from kvcompose_gguf.cli import kv_bytes_allocated
 from kvcompose_gguf.eval import tasks
 from kvcompose_gguf.llama import Llama
 
@@ -31,12 +35,12 @@ SYSTEM = "You are a helpful assistant. Answer briefly."
 CHAT_CTX = 512  # the chat is 4x this long, whatever n_ctx the run uses
 
 
-def _llama(policy: str | None, n_ctx: int, observe: str = "window") -> llama_cpp.Llama:
+def _llama(policy: str | None, n_ctx: int, observe: str = "window", kv_memory=None) -> llama_cpp.Llama:
     kwargs = dict(model_path=str(models.smollm2_path()), n_ctx=n_ctx, n_batch=256, flash_attn=True, seed=0,
                   verbose=False, n_threads=2)
     if policy is None:
         return llama_cpp.Llama(**kwargs)
-    return Llama(kv_compress=policy, kv_observe=observe, **kwargs)
+    return Llama(kv_compress=policy, kv_observe=observe, kv_memory=kv_memory, **kwargs)
 
 
 def _reply(llm, messages, max_tokens: int) -> str:
@@ -92,6 +96,8 @@ def main(argv=None) -> int:
     parser.add_argument("--policies", default="stock,kvcompose,streaming")
     parser.add_argument("--observe", default="window", help="kv_observe of the compressing policies")
     parser.add_argument("--seed0", type=int, default=0, help="first seed")
+    parser.add_argument("--kv-memory", type=float, default=None, help="per-layer memory of the compressing policies, "
+                        "a fraction of a full n_ctx cache")
     parser.add_argument("--n-ctx", type=int, default=None, help="default 768 (passkey), 512 (chat); "
                         "a larger one with --policies stock gives the full-cache reference")
     args = parser.parse_args(argv)
@@ -103,14 +109,17 @@ def main(argv=None) -> int:
         correct = 0
         for seed in range(args.seed0, args.seed0 + args.samples):
             t0 = time.time()
-            llm = _llama(policy, n_ctx, args.observe)
+            llm = _llama(policy, n_ctx, args.observe, args.kv_memory if policy else None)
             row = passkey(llm, seed) if args.task == "passkey" else chat(llm, seed, n_ctx)
+            row["kv_bytes_allocated"] = kv_bytes_allocated(llm)
             llm.close()
             correct += row["correct"]
             row["seconds"] = round(time.time() - t0, 1)
-            print(json.dumps({"task": args.task, "policy": name, "observe": args.observe, **row}, default=str), flush=True)
+            print(json.dumps({"task": args.task, "policy": name, "observe": args.observe, "kv_memory": args.kv_memory,
+                              **row}, default=str), flush=True)
         summary[name] = f"{correct}/{args.samples}"
-    print(json.dumps({"summary": summary, "task": args.task, "observe": args.observe, "n_ctx": n_ctx, "seconds": round(time.time() - start),
+    print(json.dumps({"summary": summary, "task": args.task, "observe": args.observe, "n_ctx": n_ctx,
+                      "kv_memory": args.kv_memory, "seconds": round(time.time() - start),
                       "machine": platform.platform(), "python": sys.version.split()[0]}))
     return 0
 

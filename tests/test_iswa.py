@@ -308,3 +308,34 @@ def test_kv_bytes_of_both_caches_agree_with_llama_cpp_buffer_report(gemma3_path,
     per_token = sum(reported) / N_CTX_LLAMA
     assert compressed_kv_usage(llm).physical_bytes == pytest.approx(len(tokens) * per_token, rel=1e-3)
     llm.close()
+
+
+@pytest.mark.model
+@pytest.mark.gemma
+def test_per_layer_memory_sizes_the_global_layers_and_leaves_the_window_cache_alone(gemma3_path, tmp_path, monkeypatch):
+    from kvcompose_gguf import layout, profiles
+
+    monkeypatch.setenv("KVCOMPOSE_CACHE_DIR", str(tmp_path))  # a profile shaped like Gemma's at kv_budget 0.5
+    shape = np.zeros(18)
+    shape[GLOBAL_LAYERS] = (0.73, 0.73, 0.05)
+    profiles.save(gemma3_path, {0.5: profiles.LayerProfile(0.5, tuple(shape), (0.0,) * 18, 1, 64, "python-docs", 0)})
+    kwargs = dict(n_ctx=2048, n_threads=1, n_threads_batch=1, flash_attn=True, verbose=False)
+    llm = Llama(model_path=str(gemma3_path), kv_compress="kvcompose", kv_memory=0.8, **kwargs)
+    try:
+        lay = llm._kv.compactor.layout
+        plan = layout.plan_layout(0.8, 2048, shape, (shape > 0).astype(int))
+        assert lay.n_recent == plan.n_recent
+        np.testing.assert_array_equal(lay.rows[GLOBAL_LAYERS], plan.n_recent + plan.caps[GLOBAL_LAYERS])
+        assert not lay.rows[[i for i in range(18) if i not in GLOBAL_LAYERS]].any()  # in the window cache
+        per_layer_cell = _f16_cell_bytes(llm._model.model, 1)
+        np.testing.assert_array_equal(lay.layer_bytes[GLOBAL_LAYERS], lay.rows[GLOBAL_LAYERS] * per_layer_cell)
+
+        text = _long_prompt() * 3 + " Question: what colour is box 7? Answer:"
+        out = llm(text, max_tokens=4, temperature=0)
+        assert out["usage"]["prompt_tokens"] > 2048 and out["usage"]["completion_tokens"] >= 1
+        stats = llm.kv_stats()
+        assert stats["compressions"] >= 1 and stats["swa_cache"]["cells"] == 2048
+        owned = llm._kv.compactor.cells_owned(0)[GLOBAL_LAYERS]
+        assert (owned <= lay.rows[GLOBAL_LAYERS]).all()
+    finally:
+        llm.close()

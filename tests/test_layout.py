@@ -143,6 +143,15 @@ def test_per_layer_layout_equals_the_shared_pool_with_per_layer_masks(tiny_model
     for s in (pool, lay):
         llama_cpp.llama_memory_seq_add(s.mem, 0, 0, -1, -100)
     np.testing.assert_array_equal(lay.decode(toks[361:362], [261]), pool.decode(toks[361:362], [261]))
+    # seq_rm of the newest tokens, then new ones in their place
+    for s in (pool, lay):
+        assert llama_cpp.llama_memory_seq_rm(s.mem, 0, 255, -1)
+    np.testing.assert_array_equal(lay.decode(toks[370:374], range(255, 259)), pool.decode(toks[370:374], range(255, 259)))
+    # after clear nothing of the slots remains: a fresh prompt gives a stock context's logits
+    llama_cpp.llama_memory_clear(lay.mem, True)
+    assert (c.layer_counts(0)[0] == -1).all()
+    stock = Session(tiny_model_path, n_ctx=N_CTX, flash_attn=flash_attn, type_k=type_kv, type_v=type_kv)
+    np.testing.assert_array_equal(lay.decode(toks[:300], range(300)), stock.decode(toks[:300], range(300)))
 
 
 @pytest.mark.parametrize("flash_attn", [True, False])
@@ -332,3 +341,21 @@ def test_cli_chat_reports_the_per_layer_allocation(tiny_model_path, tiny_profile
     assert "kv-memory" in capsys.readouterr().err
     with pytest.raises(cli.CliError, match="needs a --policy"):
         cli.load_model(parser.parse_args(["chat", str(tiny_model_path), "--policy", "none", "--kv-memory", "0.7"]))
+
+
+def test_the_budget_is_lowered_to_what_the_capacities_hold():
+    from kvcompose_gguf.llama import _within_capacities
+    from kvcompose_gguf.policies import KVCompose, Observation
+
+    rng = np.random.default_rng(0)
+    n_layer, n_head, n_cells = 4, 2, 600
+    positions = np.broadcast_to(np.arange(n_cells, dtype=np.int32), (n_layer, n_head, n_cells)).copy()
+    positions[1, :, 99:-1] = -1  # layer 1 holds 100 tokens only (slots it does not own), the newest one too
+    obs = Observation(scores=rng.random((n_layer, n_head, n_cells)).astype(np.float32), positions=positions)
+    caps = np.array([256, 256, 256, 512])
+    budget = _within_capacities(0.6, obs, caps)
+    assert budget == pytest.approx((256 + 100 + 256 + 512) / (600 * 3 + 100))
+    counts = KVCompose().select(obs, budget, layer_caps=caps).counts
+    assert (counts <= np.minimum(caps, [600, 100, 600, 600])).all()
+    assert _within_capacities(0.1, obs, caps) == 0.1
+    assert _within_capacities(300, obs, caps) == 256

@@ -118,8 +118,9 @@ def plan_layout(
     shape[l]: how much layer l keeps relative to the others (a profile's keep fractions);
     cap_l follows shape[l] / max(shape) of the compressed region, whose size is the
     smallest multiple of ALIGN that meets the memory; the rest of the cells take new
-    tokens. Caps are multiples of ALIGN, at least ALIGN. ValueError when even the fewest
-    recent cells cannot meet the memory with this shape.
+    tokens. Caps are multiples of ALIGN, at least ALIGN; what rounding leaves of the memory
+    then raises the caps furthest below their share, ALIGN at a time. ValueError when even
+    the fewest recent cells cannot meet the memory with this shape.
     """
     shape = np.asarray(shape, dtype=np.float64)
     n_layer = len(shape)
@@ -137,13 +138,28 @@ def plan_layout(
         recent = n_cells - compressed
         used = float((weights * (recent + caps)).sum()) / full
         if used <= memory_fraction + 1e-12:
-            return LayoutPlan(n_cells, recent, caps, used)
+            caps = _fill(caps, compressed * relative, weights, (memory_fraction - used) * full)
+            return LayoutPlan(n_cells, recent, caps, float((weights * (recent + caps)).sum()) / full)
     smallest = float((weights * (min_recent + np.clip(np.ceil((n_cells - min_recent) * relative / ALIGN) * ALIGN,
                                                           ALIGN, n_cells - min_recent))).sum()) / full
     raise ValueError(
         f"kv_memory={memory_fraction:g} of a full cache is below what this layer profile allows at n_ctx={n_cells} "
         f"(at least {smallest:.3f}, with {min_recent} cells for new tokens): raise kv_memory or lower n_ctx"
     )
+
+
+def _fill(caps: np.ndarray, share: np.ndarray, weights: np.ndarray, spare: float) -> np.ndarray:
+    """caps raised ALIGN at a time, the one furthest below its share first, within `spare`
+    bytes (weights: bytes per row) and the largest cap."""
+    caps = caps.copy()
+    top = caps.max()
+    while True:
+        room = (caps + ALIGN <= top) & (weights * ALIGN <= spare) & (weights > 0)
+        if not room.any():
+            return caps
+        l = int(np.argmax(np.where(room, share - caps, -np.inf)))
+        caps[l] += ALIGN
+        spare -= weights[l] * ALIGN
 
 
 def register(caps: Sequence[int]) -> None:

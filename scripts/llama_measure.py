@@ -3,6 +3,7 @@
     python scripts/llama_measure.py passkey --samples 8 [--observe repeat] [--seed0 0]
     python scripts/llama_measure.py chat --samples 6
     python scripts/llama_measure.py passkey --samples 8 --policies kvcompose --n-ctx 1536 --kv-memory 0.5
+    python scripts/llama_measure.py memory --n-ctx 2048,4096,8192 --kv-memory 0.5,0.6,0.75
 
 passkey: a needle (eval.tasks.niah) in a ~1.5k-token prompt at n_ctx 768. Stock
 llama_cpp.Llama refuses the prompt; each policy answers from a compressed cache.
@@ -10,6 +11,8 @@ chat: a multi-turn chat (eval.tasks.chat_recall, RULER's noise as filler turns) 
 4x n_ctx long, the model's own replies in between; the last question recalls the magic
 number of the first turn. For a compressing policy, each row also lists after every turn
 how many (layer, KV head) pairs still hold all tokens of the number (of 30 x 3).
+memory: what per-layer memory allocates for each n_ctx and kv_memory (no prompt is run),
+read from llama.cpp's tensors and buffers, beside the full cache.
 --kv-memory gives the compressing policies per-layer physical memory (`Llama(kv_memory=...)`):
 n_ctx cells, in that fraction of a full cache's bytes. Prints one JSON object per policy and
 sample, then a summary line.
@@ -89,18 +92,42 @@ def _heads_holding(llm, number: str) -> int | None:
     return int((held.sum(axis=-1) == len(needle)).sum())
 
 
+def memory(n_ctx: int, kv_memory: float) -> dict:
+    try:
+        llm = _llama("kvcompose", n_ctx, kv_memory=kv_memory)
+    except ValueError as exc:  # the profile's shape cannot reach this memory
+        return {"n_ctx": n_ctx, "kv_memory": kv_memory, "refused": str(exc)}
+    mem = llm.kv_stats()["kv_memory"]
+    lay = llm._kv.compactor.layout
+    llm.close()
+    return {"n_ctx": n_ctx, "kv_memory": kv_memory, "per_layer": mem["per_layer"], "n_recent": mem["n_recent"],
+            "caps_min": int(lay.caps.min()), "caps_max": int(lay.caps.max()),
+            "allocated_bytes": lay.allocated_bytes, "buffer_bytes": lay.buffer_bytes,
+            "full_cache_bytes": mem["full_cache_bytes"],
+            "allocated_fraction": round(lay.allocated_bytes / mem["full_cache_bytes"], 4)}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("task", choices=["passkey", "chat"])
+    parser.add_argument("task", choices=["passkey", "chat", "memory"])
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--policies", default="stock,kvcompose,streaming")
     parser.add_argument("--observe", default="window", help="kv_observe of the compressing policies")
     parser.add_argument("--seed0", type=int, default=0, help="first seed")
-    parser.add_argument("--kv-memory", type=float, default=None, help="per-layer memory of the compressing policies, "
-                        "a fraction of a full n_ctx cache")
-    parser.add_argument("--n-ctx", type=int, default=None, help="default 768 (passkey), 512 (chat); "
-                        "a larger one with --policies stock gives the full-cache reference")
+    parser.add_argument("--kv-memory", default=None, help="per-layer memory of the compressing policies, "
+                        "a fraction of a full n_ctx cache (memory: a comma-separated list)")
+    parser.add_argument("--n-ctx", default=None, help="default 768 (passkey), 512 (chat); "
+                        "a larger one with --policies stock gives the full-cache reference (memory: a list)")
     args = parser.parse_args(argv)
+    if args.task == "memory":
+        for n_ctx in (int(x) for x in (args.n_ctx or "2048,4096,8192").split(",")):
+            for fraction in (float(x) for x in (args.kv_memory or "0.5,0.6,0.75").split(",")):
+                print(json.dumps(memory(n_ctx, fraction)), flush=True)
+        print(json.dumps({"machine": platform.platform(), "python": sys.version.split()[0],
+                          "llama_cpp": llama_cpp.__version__}))
+        return 0
+    args.n_ctx = int(args.n_ctx) if args.n_ctx else None
+    args.kv_memory = float(args.kv_memory) if args.kv_memory else None
     n_ctx = args.n_ctx or (768 if args.task == "passkey" else 512)
     summary = {}
     start = time.time()

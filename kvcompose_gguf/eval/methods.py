@@ -65,7 +65,9 @@ def _factory(policy: str | None) -> Callable[..., Any]:
     """Creates `kvcompose_gguf.Llama` with `policy` (None: stock behaviour, the full cache).
 
     Every method gets the same llama.cpp settings (llama-cpp-python's defaults, flash
-    attention off included), so rows differ only by the compression.
+    attention off included), so rows differ only by the compression. One exception: an iSWA
+    model's sliding-window cache holds its window (swa_full=False), not n_ctx cells, so that
+    methods of different n_ctx (kvcompose-layers) hold the same sliding-window cache.
     """
 
     def create(model_path, *, n_ctx, kv_budget=None, observe=None, logits_all=False, seed=0, n_threads=None):
@@ -78,6 +80,7 @@ def _factory(policy: str | None) -> Callable[..., Any]:
             logits_all=logits_all,
             seed=seed,
             n_threads=n_threads,
+            swa_full=False,
             verbose=False,
             **compression,
         )
@@ -146,9 +149,10 @@ _COMPRESSING = {
 
 def memory_details(llm) -> dict:
     """The allocation the sample ran in, measured from llama.cpp's tensors."""
-    mem = llm.kv_stats()["kv_memory"]
+    stats = llm.kv_stats()
+    mem, swa = stats["kv_memory"], stats["swa_cache"]
     return {"allocated_bytes": mem["allocated_bytes"], "per_layer": mem["per_layer"], "n_recent": mem["n_recent"],
-            "layer_rows": mem["layer_rows"]}
+            "layer_rows": mem["layer_rows"], "swa_allocated_bytes": swa["bytes"] if swa else 0}
 
 
 _REGISTRY: dict[str, Method] = {FULL.name: FULL}
@@ -182,7 +186,7 @@ def _per_layer_memory_factory(policy: str) -> Callable[..., Any]:
         return Llama(
             model_path=str(model_path), n_ctx=cells, kv_memory=pool / cells, kv_compress=policy,
             kv_budget=kv_budget, kv_observe=observe or "window", logits_all=logits_all, seed=seed,
-            n_threads=n_threads, verbose=False,
+            n_threads=n_threads, swa_full=False, verbose=False,
         )
 
     return create

@@ -368,3 +368,12 @@ def test_the_budget_is_lowered_to_what_the_capacities_hold():
     assert (counts <= np.minimum(caps, [600, 100, 600, 600])).all()
     assert _within_capacities(0.1, obs, caps) == 0.1
     assert _within_capacities(300, obs, caps) == 256
+
+
+def test_llama_kv_memory_in_bytes_is_that_fraction_of_the_full_cache(tiny_model_path, tiny_profile):
+    full = N_CTX * int(layout.model_row_bytes(tiny_model_path).sum())
+    by_bytes = compressing(tiny_model_path, n_ctx=N_CTX, kv_memory=int(0.75 * full), kv_window=16)
+    by_fraction = compressing(tiny_model_path, n_ctx=N_CTX, kv_memory=0.75, kv_window=16)
+    np.testing.assert_array_equal(by_bytes._kv.compactor.layout.rows, by_fraction._kv.compactor.layout.rows)
+    assert by_bytes.kv_stats()["kv_memory"]["allocated_bytes"] <= int(0.75 * full)
+    assert by_bytes.kv_stats()["kv_memory"]["full_cache_bytes"] == full

@@ -125,9 +125,7 @@ class Compactor:
         """The cache's layout as allocated (fixed for the context's lifetime): a shared pool,
         or per-layer memory (`kvcompose_gguf.layout`), where slot j lives in cell n_recent + j."""
         if self._layout is None:
-            import llama_cpp
-
-            self._layout = Layout.read(self._ctx, self.n_layer, int(llama_cpp.llama_n_ctx(self._ctx)))
+            self._layout = Layout.read(self._ctx)
         return self._layout
 
     @property

@@ -12,16 +12,17 @@ Layer l allocates n_recent + caps[l] rows. The capacities are fixed when the con
 created; they come from the model's layer profile (`profiles`, `kvcompose calibrate`),
 scaled to the memory the user grants (`kv_memory`):
 
-    plan = plan_layout(0.6, n_cells=4096, row_bytes=..., shape=profile.keep_fractions)
+    plan, pool = plan_for_model(model_path, n_ctx=4096, kv_memory=0.6, kv_budget=0.5)
     with registered(plan.caps):
-        ctx = ...                                  # the next context takes the layout
-    layout = Layout.read(ctx_pointer, n_layer)     # as allocated, from the tensors and buffers
+        ctx = ...                       # the next context takes the layout
+    layout = Layout.read(ctx_pointer)   # as allocated, from the tensors and buffers
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,9 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from . import native
+from . import native, profiles
+
+logger = logging.getLogger("kvcompose_gguf")
 
 ALIGN = 256  # cells; keeps every layer's K/V view on CUDA's and Metal's fast flash-attention paths
 
@@ -46,8 +49,13 @@ class Layout:
     buffer_bytes: int        # the backend buffers holding this cache, as allocated
 
     @classmethod
-    def read(cls, ctx: Any, n_layer: int, n_cells: int) -> "Layout":
+    def read(cls, ctx: Any) -> "Layout":
+        """The layout of a llama_context (pointer) as allocated."""
+        import llama_cpp
+
         lib = native.load()
+        n_layer = int(llama_cpp.llama_model_n_layer(llama_cpp.llama_get_model(ctx)))
+        n_cells = int(llama_cpp.llama_n_ctx(ctx))
         n_recent = ctypes.c_int32(0)
         rows = np.zeros(n_layer, dtype=np.int32)
         layer_bytes = np.zeros(n_layer, dtype=np.uint64)
@@ -160,6 +168,52 @@ def _fill(caps: np.ndarray, share: np.ndarray, weights: np.ndarray, spare: float
         l = int(np.argmax(np.where(room, share - caps, -np.inf)))
         caps[l] += ALIGN
         spare -= weights[l] * ALIGN
+
+
+def plan_for_model(model_path, n_ctx: int, kv_memory: float | int, kv_budget: float | int,
+                   type_k: int | None = None, type_v: int | None = None) -> tuple[LayoutPlan | None, int]:
+    """(plan, cells) for `kv_memory` (a fraction in (0, 1) of a full cache of n_ctx cells, or
+    bytes) on this model file: the plan from its profile, or, with no profile, no plan and the
+    cells of a shared pool of those bytes (with a warning naming `kvcompose calibrate`).
+
+    The profile measured nearest kv_budget (0.5 for a cell count) whose shape reaches the
+    memory: a smaller budget's allocation is more skewed, so it reaches less memory.
+    """
+    if isinstance(kv_memory, bool) or not isinstance(kv_memory, (int, float)):
+        raise TypeError(f"kv_memory must be a fraction in (0, 1) or an int number of bytes, got {kv_memory!r}")
+    cells = cache_cells(n_ctx)
+    row_bytes = model_row_bytes(model_path, type_k, type_v)
+    found = {b: p for b, p in (profiles.load(model_path) or {}).items() if len(p.keep_fractions) == len(row_bytes)}
+    if found:
+        # 0: a sliding-window layer, whose K/V live in another cache
+        compressed = np.asarray(next(iter(found.values())).keep_fractions) > 0
+        row_bytes = np.where(compressed, row_bytes, 0)
+    full = int(row_bytes.sum()) * cells
+    fraction = float(kv_memory) if isinstance(kv_memory, float) else kv_memory / full
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(
+            f"kv_memory={kv_memory!r} is {fraction:.3f} of a full cache of n_ctx={cells} cells ({full} bytes): "
+            "give a fraction in (0, 1) or fewer bytes (or leave kv_memory out for the full cache)"
+        )
+    if not found:
+        pool = max(ALIGN, int(fraction * cells) // ALIGN * ALIGN)
+        logger.warning(
+            "no layer profile for %s: every layer gets the same share, so kv_memory=%s means a shared pool of "
+            "%d cells instead of %d (run `kvcompose calibrate %s` to let the layers differ)",
+            model_path, kv_memory, pool, cells, model_path,
+        )
+        return None, pool
+    target = kv_budget if isinstance(kv_budget, float) else 0.5
+    refusal = None
+    for budget in sorted(found, key=lambda b: (abs(b - target), b)):
+        try:
+            plan = plan_layout(fraction, cells, found[budget].keep_fractions, row_bytes)
+        except ValueError as exc:
+            refusal = refusal or exc
+            continue
+        logger.info("per-layer KV memory from the kv_budget %s profile: %s", budget, plan.describe())
+        return plan, cells
+    raise refusal
 
 
 def register(caps: Sequence[int]) -> None:

@@ -28,7 +28,6 @@ import llama_cpp
 
 from . import native  # noqa: F401  (the package import checks the patched library)
 from . import layout as kv_layout
-from . import profiles
 from . import state as kv_state
 from . import support
 from .compactor import CompactionResult, Compactor, SlotTable
@@ -38,53 +37,6 @@ from .stats import AttentionObserver, broadcast_positions, cell_positions, layer
 logger = logging.getLogger("kvcompose_gguf")
 
 SEQ_ID = 0  # llama-cpp-python decodes one sequence
-
-
-def _plan_memory(kv_memory, settings, args, kwargs) -> tuple["kv_layout.LayoutPlan | None", dict]:
-    """The per-layer capacities for `kv_memory`, or (no profile) n_ctx lowered to a smaller
-    shared pool of the same bytes. Returns the plan (None for the pool) and the keyword
-    arguments for llama_cpp.Llama."""
-    model_path = kwargs.get("model_path", args[0] if args else None)
-    n_ctx = kwargs.get("n_ctx", 512)
-    if model_path is None or not isinstance(n_ctx, int) or n_ctx < 1:
-        raise ValueError("kv_memory needs model_path and n_ctx >= 1")
-    if isinstance(kv_memory, bool) or not isinstance(kv_memory, (int, float)):
-        raise TypeError(f"kv_memory must be a fraction in (0, 1) or an int number of bytes, got {kv_memory!r}")
-    cells = kv_layout.cache_cells(n_ctx)
-    row_bytes = kv_layout.model_row_bytes(model_path, kwargs.get("type_k"), kwargs.get("type_v"))
-    found = {b: p for b, p in (profiles.load(model_path) or {}).items() if len(p.keep_fractions) == len(row_bytes)}
-    if found:
-        # 0: a sliding-window layer, whose K/V live in another cache
-        compressed = np.asarray(next(iter(found.values())).keep_fractions) > 0
-        row_bytes = np.where(compressed, row_bytes, 0)
-    full = int(row_bytes.sum()) * cells
-    fraction = float(kv_memory) if isinstance(kv_memory, float) else kv_memory / full
-    if not 0.0 < fraction < 1.0:
-        raise ValueError(
-            f"kv_memory={kv_memory!r} is {fraction:.3f} of a full cache of n_ctx={cells} cells ({full} bytes): "
-            "give a fraction in (0, 1) or fewer bytes (or leave kv_memory out for the full cache)"
-        )
-    if not found:
-        pool = max(kv_layout.ALIGN, int(fraction * cells) // kv_layout.ALIGN * kv_layout.ALIGN)
-        logger.warning(
-            "no layer profile for %s: every layer gets the same share, so kv_memory=%s means a shared pool of "
-            "%d cells instead of %d (run `kvcompose calibrate %s` to let the layers differ)",
-            model_path, kv_memory, pool, cells, model_path,
-        )
-        return None, {**kwargs, "n_ctx": pool}
-    # The profile measured nearest kv_budget (0.5 for a cell count) whose shape reaches the
-    # memory: a smaller budget's allocation is more skewed, so it reaches less memory.
-    target = settings.kv_budget if isinstance(settings.kv_budget, float) else 0.5
-    refusal = None
-    for budget in sorted(found, key=lambda b: (abs(b - target), b)):
-        try:
-            plan = kv_layout.plan_layout(fraction, cells, found[budget].keep_fractions, row_bytes)
-        except ValueError as exc:
-            refusal = refusal or exc
-            continue
-        logger.info("per-layer KV memory from the kv_budget %s profile: %s", budget, plan.describe())
-        return plan, kwargs
-    raise refusal
 
 
 # Named observation modes (`CompressionSettings.observe`); any other string is a task prompt.
@@ -605,7 +557,14 @@ class Llama(llama_cpp.Llama):
                 raise ValueError("logits_all=True keeps logits for the whole logical history; not supported with kv_compress")
         plan = None
         if kv_memory is not None:
-            plan, kwargs = _plan_memory(kv_memory, settings, args, kwargs)
+            model_path, n_ctx = kwargs.get("model_path", args[0] if args else None), kwargs.get("n_ctx", 512)
+            if model_path is None or not isinstance(n_ctx, int) or n_ctx < 1:
+                raise ValueError("kv_memory needs model_path and n_ctx >= 1")
+            plan, cells = kv_layout.plan_for_model(
+                model_path, n_ctx, kv_memory, settings.kv_budget, kwargs.get("type_k"), kwargs.get("type_v")
+            )
+            if plan is None:  # no profile: a smaller shared pool of the same bytes
+                kwargs = {**kwargs, "n_ctx": cells}
         if plan is None:
             super().__init__(*args, **kwargs)
         else:
@@ -660,7 +619,7 @@ class Llama(llama_cpp.Llama):
         # still keeps most of the history, even when n_batch is as large as n_ctx.
         # With per-layer memory a compression empties the cells new tokens go to.
         spare = kv.room() - kv.probe_reserve()
-        chunk = max(1, min(self.n_batch, spare if self._kv.compactor.layout.per_layer else spare // 4))
+        chunk = max(1, min(self.n_batch, spare if kv.compactor.layout.per_layer else spare // 4))
         for i in range(0, len(tokens), chunk):
             batch = tokens[i : i + chunk]
             if len(batch) + kv.probe_reserve() > kv.free_cells():

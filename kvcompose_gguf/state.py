@@ -86,8 +86,12 @@ def load_seq(compactor: Compactor, data: bytes, seq_id: int = 0) -> None:
         )
     layout = compactor.layout
     slot_of_cell = np.asarray(header["slot_of_cell"], dtype=np.int32)
+    counts = None if header["layer_counts"] is None else np.asarray(header["layer_counts"], dtype=np.int32)
+    if layout.per_layer and counts is None and (slot_of_cell >= 0).any():
+        # equal budgets leave no per-layer record; the slots keep theirs for the next save
+        counts = np.where(compactor.layers, int(slot_of_cell.max()) + 1, 0).astype(np.int32)
     if layout.per_layer:
-        _check_fits_layout(layout, header, slot_of_cell)
+        _check_fits_layout(layout, counts, slot_of_cell)
         compactor.plan_restore(seq_id, slot_of_cell)
     src = (ctypes.c_uint8 * len(blob)).from_buffer_copy(blob)
     if llama_cpp.llama_state_seq_set_data(compactor._ctx, src, len(blob), seq_id) != len(blob):
@@ -96,12 +100,8 @@ def load_seq(compactor: Compactor, data: bytes, seq_id: int = 0) -> None:
     seq = compactor.seq_cells(seq_id)
     if len(seq.cells) != header["n_cells"]:
         raise RuntimeError(f"loaded {len(seq.cells)} cells, the state has {header['n_cells']}")
-    if header["layer_counts"] is not None:
-        compactor.set_layer_counts(seq_id, np.array(header["layer_counts"]), slot_of_cell)
-    elif layout.per_layer and (slot_of_cell >= 0).any():
-        # equal budgets leave no per-layer record; the slots keep theirs for the next save
-        uniform = np.where(compactor.layers, int(slot_of_cell.max()) + 1, 0)
-        compactor.set_layer_counts(seq_id, uniform, slot_of_cell)
+    if counts is not None:
+        compactor.set_layer_counts(seq_id, counts, slot_of_cell)
 
     table = header["table"]
     if table is None:
@@ -115,14 +115,12 @@ def load_seq(compactor: Compactor, data: bytes, seq_id: int = 0) -> None:
     compactor.set_table(seq_id, SlotTable(positions, tokens, np.array(table["counts"], dtype=np.int32), slot_cells))
 
 
-def _check_fits_layout(layout, header: dict, slot_of_cell: np.ndarray) -> None:
+def _check_fits_layout(layout, counts: np.ndarray | None, slot_of_cell: np.ndarray) -> None:
     """Refuse, before anything is loaded, a state whose slots this per-layer layout cannot hold."""
-    counts = header["layer_counts"]
-    owned = np.asarray(counts) if counts is not None else np.where(layout.held, int(slot_of_cell.max()) + 1, 0)
-    over = np.flatnonzero(layout.held & (owned > layout.caps))
+    over = np.flatnonzero(layout.held & (counts > layout.caps)) if counts is not None else []
     if len(over):
         l = int(over[0])
-        raise ValueError(f"the state's layer {l} owns {int(owned[l])} composite slots; this context's per-layer "
+        raise ValueError(f"the state's layer {l} owns {int(counts[l])} composite slots; this context's per-layer "
                          f"memory holds {int(layout.caps[l])} there")
     plain = int((slot_of_cell < 0).sum())
     if plain > layout.n_recent:

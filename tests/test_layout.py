@@ -84,9 +84,9 @@ def test_plan_refuses_a_memory_the_shape_cannot_reach():
 
 def test_layers_allocate_their_rows_and_the_buffers_agree_with_the_formula(tiny_model_path):
     stock = Session(tiny_model_path, n_ctx=N_CTX)
-    full = layout.Layout.read(stock.ctx, stock.n_layer, N_CTX)
+    full = layout.Layout.read(stock.ctx)
     s = layout_session(tiny_model_path)
-    got = layout.Layout.read(s.ctx, s.n_layer, N_CTX)
+    got = layout.Layout.read(s.ctx)
     row_bytes = layout.model_row_bytes(tiny_model_path)  # from the GGUF header, f16 K and V
 
     assert full.n_recent == 0 and (full.rows == N_CTX).all()
@@ -106,11 +106,11 @@ def test_a_layout_that_cannot_apply_leaves_the_cache_stock_and_bad_caps_are_refu
         layout.register([256, 300, 256, 256])
     for caps, kwargs in [([256] * 3, {}), ([1024] * 4, {}), (CAPS, {"n_seq_max": 2, "kv_unified": False})]:
         s = layout_session(tiny_model_path, caps, **kwargs)
-        assert layout.Layout.read(s.ctx, s.n_layer, N_CTX).n_recent == 0
+        assert layout.Layout.read(s.ctx).n_recent == 0
     # used once: the next context is stock again
     layout.register(CAPS)
     Session(tiny_model_path, n_ctx=N_CTX)
-    assert layout.Layout.read(Session(tiny_model_path, n_ctx=N_CTX).ctx, 4, N_CTX).n_recent == 0
+    assert layout.Layout.read(Session(tiny_model_path, n_ctx=N_CTX).ctx).n_recent == 0
     layout.clear()
 
 

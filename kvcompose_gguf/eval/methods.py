@@ -70,7 +70,8 @@ def _factory(policy: str | None) -> Callable[..., Any]:
     methods of different n_ctx (kvcompose-layers) hold the same sliding-window cache.
     """
 
-    def create(model_path, *, n_ctx, kv_budget=None, observe=None, logits_all=False, seed=0, n_threads=None):
+    def create(model_path, *, n_ctx, kv_budget=None, observe=None, logits_all=False, seed=0, n_threads=None,
+               **extra):
         from kvcompose_gguf.llama import Llama
 
         compression = {} if policy is None else {"kv_compress": policy, "kv_observe": observe or "window"}
@@ -83,6 +84,7 @@ def _factory(policy: str | None) -> Callable[..., Any]:
             swa_full=False,
             verbose=False,
             **compression,
+            **extra,
         )
 
     return create
@@ -171,23 +173,18 @@ for _name, _description in _COMPRESSING.items():
 def _per_layer_memory_factory(policy: str) -> Callable[..., Any]:
     """`policy` with per-layer physical memory in the bytes of the others' n_ctx cells: the
     full cache's cells (n_ctx / kv_budget), each layer sized from the model's profile so the
-    allocation is n_ctx cells' worth of bytes (`Llama(kv_memory=...)`)."""
+    allocation is n_ctx cells' worth of bytes (`Llama(kv_memory=...)`). Like the others it
+    keeps Llama's default kv_budget per compression; the setting's kv_budget sizes memory."""
     shared_pool = _factory(policy)
 
-    def create(model_path, *, n_ctx, kv_budget=None, observe=None, logits_all=False, seed=0, n_threads=None):
+    def create(model_path, *, n_ctx, kv_budget=None, **options):
         from kvcompose_gguf.layout import cache_cells
-        from kvcompose_gguf.llama import Llama
 
         pool = cache_cells(n_ctx)  # what the shared pool of n_ctx really allocates
         cells = cache_cells(int(n_ctx / (kv_budget or 1.0)))
         if cells <= pool:  # nothing to spread: the shared pool itself
-            return shared_pool(model_path, n_ctx=n_ctx, kv_budget=kv_budget, observe=observe,
-                               logits_all=logits_all, seed=seed, n_threads=n_threads)
-        return Llama(
-            model_path=str(model_path), n_ctx=cells, kv_memory=pool / cells, kv_compress=policy,
-            kv_budget=kv_budget, kv_observe=observe or "window", logits_all=logits_all, seed=seed,
-            n_threads=n_threads, swa_full=False, verbose=False,
-        )
+            return shared_pool(model_path, n_ctx=n_ctx, **options)
+        return shared_pool(model_path, n_ctx=cells, kv_memory=pool / cells, **options)
 
     return create
 

@@ -221,7 +221,8 @@ class KVCompression:
         spans = [(0, prefix), (max(0, n - recent), n)]
         protected = protect_positions(observation, spans)
         if kv_budget is None:
-            kv_budget = self._covering_protection(s.kv_budget, observation, protected, cap)
+            # per-layer memory is allocated whatever is kept: a compression fills the capacities
+            kv_budget = 1.0 if caps is not None else self._covering_protection(s.kv_budget, observation, protected, cap)
         if caps is not None:
             kv_budget = _within_capacities(kv_budget, observation, caps)
         selection = s.policy.select(observation, kv_budget, protected=protected,
@@ -525,7 +526,9 @@ class Llama(llama_cpp.Llama):
     kv_memory: physical KV memory, kept apart from kv_budget: a fraction in (0, 1) of a full
         cache of n_ctx cells, or an int number of bytes; None (default) allocates the full
         cache. Each layer then allocates only its share of composite slots, sized from the
-        model's layer profile (`kvcompose calibrate`); see `kvcompose_gguf.layout`. Without
+        model's layer profile (`kvcompose calibrate`, the one measured nearest kv_budget);
+        see `kvcompose_gguf.layout`. A compression then keeps what the layers' capacities
+        hold (the memory is allocated either way; `compress(kv_budget=...)` can keep less). Without
         a profile every layer gets the same share, which is a smaller shared pool: n_ctx is
         lowered to fit, with a warning. On an iSWA model (Gemma-3) it sizes the global
         layers' cache; the sliding-window cache is not compressed.

@@ -15,7 +15,10 @@ policies read `compactor.table(seq_id)` for where each slot's rows came from.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,6 +54,48 @@ class CompactionResult:
     physical_bytes_freed: int
     logical_entries_dropped: int
     slot_cells: np.ndarray  # int32 [n_slots]: the cell now holding slot j
+
+
+@dataclass(frozen=True)
+class MoveForms:
+    """How one compaction moved its K / V tensors (native/kvcompose-compact.cpp, `move_rows`).
+
+    in_place: tensors gathered straight into the cache from staged copies of their source
+        cells (the fast form, chosen for caches in the CPU backend's own memory);
+    chunks: the staged copies those took;
+    through_temporary: tensors gathered into a temporary, then written with set_rows
+        (device memory, or destinations that are not consecutive cells);
+    staged: how many of those gathered from a staged copy;
+    transposed_v: V tensors moved as columns (flash attention off).
+    Both forms give the same bytes; only the time differs.
+    """
+
+    in_place: int
+    chunks: int
+    through_temporary: int
+    staged: int
+    transposed_v: int
+
+
+_MOVE_FORMS = re.compile(
+    r"(\d+) tensors gathered in place from staged copies \((\d+) chunks\), (\d+) through a temporary "
+    r"\((\d+) staged\), (\d+) transposed V"
+)
+
+
+@contextlib.contextmanager
+def recorded_move_forms() -> Iterator[list[MoveForms]]:
+    """The MoveForms of every compaction run inside the block, read from llama.cpp's debug log
+    (native.llama_log_to: for benchmarks and tests)."""
+    forms: list[MoveForms] = []
+
+    def record(level: int, text: str) -> None:
+        match = _MOVE_FORMS.search(text)
+        if match:
+            forms.append(MoveForms(*map(int, match.groups())))
+
+    with native.llama_log_to(record):
+        yield forms
 
 
 @dataclass

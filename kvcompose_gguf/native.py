@@ -8,7 +8,9 @@ AttributeError somewhere later.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+from collections.abc import Callable, Iterator
 from typing import Any
 
 # Must equal LLAMA_KVCOMPOSE_ABI_VERSION in native/llama-kvcompose.h.
@@ -188,3 +190,27 @@ def check(function: str, status: int, detail: str = "") -> None:
     """Raise NativeError unless `status` is OK."""
     if status != OK:
         raise NativeError(function, status, detail)
+
+
+@contextlib.contextmanager
+def llama_log_to(handler: Callable[[int, str], None] | None) -> Iterator[None]:
+    """Send llama.cpp's log lines to handler(level, text) inside the block (None drops them),
+    then give the callback that was set before back.
+
+    llama.cpp keeps only a raw function pointer, so the ctypes callback must outlive every
+    call to it: setting one that a caller later drops crashes the next log line. The
+    callback is process-wide: for benchmarks and tests, not for concurrent use."""
+    import llama_cpp
+
+    @llama_cpp.llama_log_callback
+    def forward(level: int, text: bytes, user_data: Any) -> None:
+        if handler is not None:
+            handler(level, text.decode(errors="replace"))
+
+    previous, user_data = llama_cpp.llama_log_callback(), ctypes.c_void_p()
+    llama_cpp.llama_log_get(ctypes.byref(previous), ctypes.byref(user_data))
+    llama_cpp.llama_log_set(forward, user_data)
+    try:
+        yield
+    finally:
+        llama_cpp.llama_log_set(previous, user_data)

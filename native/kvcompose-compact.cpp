@@ -384,7 +384,7 @@ std::vector<layer_moves::chunk> plan_chunks(const compaction_plan & plan, int32_
 void plan_span(const compaction_plan & plan, int32_t il, int64_t n_chunks, layer_moves & m) {
     const int32_t H = plan.n_head_kv;
     m.span_whole = true;
-    for (int32_t j = (int32_t) m.j0; j < plan.counts[il]; ++j) {
+    for (int32_t j = (int32_t) m.j0; j < plan.counts[il] && m.span_whole; ++j) {
         for (int32_t h = 1; h < H; ++h) {
             m.span_whole = m.span_whole && slot_cell(plan, il, h, j) == slot_cell(plan, il, 0, j);
         }
@@ -446,13 +446,10 @@ ggml_tensor * new_index(ggml_context * ctx, size_t n) {
 // alone. A device hides the latency with parallelism and skips the copy. Only the CPU
 // backend qualifies, not any host-visible buffer: the in-place gather that staging allows
 // relies on nodes running one after another in graph order, which a GPU backend sharing
-// host memory (Metal, integrated GPUs) does not promise.
+// host memory (Metal, integrated GPUs) does not promise. The test is the buffer type itself,
+// the one llama_kv_cache allocates on the CPU: ggml's CPU buffer type reports no device.
 bool stage_sources(const ggml_tensor * cache) {
-    if (cache->buffer == nullptr || !ggml_backend_buffer_is_host(cache->buffer)) {
-        return false;
-    }
-    ggml_backend_dev_t dev = ggml_backend_buft_get_device(ggml_backend_buffer_get_type(cache->buffer));
-    return dev != nullptr && ggml_backend_dev_type(dev) == GGML_BACKEND_DEVICE_TYPE_CPU;
+    return cache->buffer != nullptr && ggml_backend_buffer_get_type(cache->buffer) == ggml_backend_cpu_buffer_type();
 }
 
 // cells [lo, hi) of rows [units, kv_size], copied when staged
@@ -676,6 +673,41 @@ void reserve_after_compute(llama_context * lctx, llama_kv_cache & kv) {
     }
 }
 
+// Which form each moved K / V tensor takes. Both forms give the same bytes, so only this line
+// (read by the tests and the benchmark) shows when a backend stops getting the fast one.
+struct move_forms {
+    int32_t span = 0, chunks = 0, split = 0, staged = 0, columns = 0;
+
+    void count(const layer_moves & m, bool span_form, const ggml_tensor * cache) {
+        if (span_form) {
+            span   += 1;
+            chunks += (int32_t) m.chunks.size();
+        } else if (!m.empty()) {
+            split  += 1;
+            staged += stage_sources(cache) ? 1 : 0;
+        }
+    }
+};
+
+void log_move_forms(const llama_kv_cache & kv, const compaction_plan & plan, const std::vector<layer_moves> & moves) {
+    move_forms f;
+    for (int32_t il = 0; il < plan.n_layer; ++il) {
+        const layer_moves & m = moves[il];
+        if (m.span_src.empty() && m.empty()) {
+            continue;
+        }
+        const auto & layer = access::layers(kv)[access::layer_index(kv, il)];
+        f.count(m, m.k_span, layer.k_stream[plan.strm]);
+        if (access::v_trans(kv)) {
+            f.columns += 1;
+        } else {
+            f.count(m, m.v_span, layer.v_stream[plan.strm]);
+        }
+    }
+    LLAMA_LOG_DEBUG("%s: %d tensors gathered in place from staged copies (%d chunks), %d through a temporary (%d staged), "
+            "%d transposed V\n", __func__, f.span, f.chunks, f.split, f.staged, f.columns);
+}
+
 int32_t move_rows(llama_context * lctx, llama_kv_cache & kv, const compaction_plan & plan) {
     auto * sched = lctx->get_sched();
     llama_synchronize(lctx);
@@ -689,6 +721,7 @@ int32_t move_rows(llama_context * lctx, llama_kv_cache & kv, const compaction_pl
     for (int32_t il = 0; il < plan.n_layer; ++il) {
         moves[il] = plan_layer(kv, plan, il, chunks_max);
     }
+    log_move_forms(kv, plan, moves);
 
     move_inputs inp;
     ggml_cgraph * gf = build_graph_compact(res, kv, plan, moves, inp);

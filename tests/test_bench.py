@@ -113,3 +113,22 @@ def test_bench_refuses_bad_options_in_one_line(tiny_model_path, options, message
     assert cli.main(["bench", "--model", str(tiny_model_path), "--quick", *options]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_compaction_bench_reports_consistent_runs_and_the_in_place_form(tiny_model_path, tmp_path):
+    """bench.compaction on the tiny model: bytes moved from the model's shape, the ratio from
+    its own timings, and the staged in-place move on the CPU backend for every K and V."""
+    from kvcompose_gguf.bench import compaction
+
+    out = tmp_path / "compaction.json"
+    argv = ["--model", str(tiny_model_path), "--cells", "1024", "--kept", "0.5", "--configs", "f16-fa",
+            "--selections", "random", "--repeats", "1", "--threads", "1", "--out", str(out)]
+    assert compaction.main(argv) == 0
+    (run,) = json.loads(out.read_text())["runs"]
+    config = TinyConfig()
+    assert run["slots"] == 512
+    assert run["bytes_moved"] == 512 * _f16_cell_bytes(config)
+    compact, copy = run["compact_ms"], run["copy_ms"]  # rounded to 0.001 ms, the ratio to 0.01
+    assert (compact - 5e-4) / (copy + 5e-4) - 0.005 <= run["ratio"] <= (compact + 5e-4) / (copy - 5e-4) + 0.005
+    assert run["move_forms"] == {"in_place": 2 * config.n_layer, "chunks": 2 * config.n_layer, "through_temporary": 0,
+                                 "staged": 0, "transposed_v": 0}

@@ -26,7 +26,7 @@ except native.LibraryNotPatchedError as exc:  # pragma: no cover - depends on th
 from c_api import Session  # noqa: E402
 
 from kvcompose_gguf import state, state_blob  # noqa: E402
-from kvcompose_gguf.compactor import Compactor  # noqa: E402
+from kvcompose_gguf.compactor import Compactor, recorded_move_forms  # noqa: E402
 
 F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, BF16 = 0, 1, 2, 3, 6, 7, 8, 30
 
@@ -660,8 +660,19 @@ def test_large_cache_moves_in_chunks_byte_exactly(sessions, tiny_model_path, fla
         sel.kept_positions[:] = sel.cells
     sel.slot_positions = sel.kept_positions.max(axis=(0, 1)).astype(np.int32)
 
-    result = c.apply(sel)
+    with recorded_move_forms() as forms:
+        result = c.apply(sel)
 
+    # a cache in the CPU backend's memory takes the staged in-place form (the fast one; the
+    # other form gives the same bytes, so only the log tells them apart)
+    n_row_tensors = c.n_layer * (2 if flash_attn else 1)
+    (f,) = forms
+    assert (f.in_place, f.through_temporary, f.transposed_v) == (n_row_tensors, 0, 0 if flash_attn else c.n_layer)
+    if layout == "shuffled":
+        assert f.chunks == f.in_place  # a chunk could read a cell an earlier one wrote: one span
+    elif flash_attn and type_k == F16:
+        # 1 MiB of K rows: more than one ~512 KiB chunk (a transposed V takes one span for both)
+        assert f.chunks > f.in_place
     np.testing.assert_array_equal(result.slot_cells, np.arange(1500))
     expected, known = expected_blob(before, sel, seq.cells, result.slot_cells, c.n_head_kv)
     got = state_blob.parse_seq_state(s.blob()).only_stream()

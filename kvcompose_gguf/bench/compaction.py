@@ -24,7 +24,9 @@ Reported per run:
 - copy_ms: a ggml_cpy of bytes_moved contiguous bytes on the same backend and thread count
   (the physical limit), and ratio = compact_ms / copy_ms;
 - compact_cpu_ms, copy_cpu_ms, ratio_cpu: the same runs in CPU time of the calling thread
-  (with --threads 1 ggml computes on it), which other jobs on a shared machine inflate less.
+  (with --threads 1 ggml computes on it), which other jobs on a shared machine inflate less;
+- move_forms: how the K / V tensors moved (compactor.MoveForms): a cache in the CPU
+  backend's memory should show every moved tensor gathered in place from staged copies.
 
 Before every timed run a 256 MiB buffer is written, so both start from cold caches.
 
@@ -38,6 +40,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import dataclasses
 import json
 import os
 import sys
@@ -247,25 +250,11 @@ def _selection_shape(sel, dst_cells: np.ndarray) -> dict:
     return {"whole_row_slots": round(whole / total, 3), "in_place_slots": round(in_place / total, 3)}
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--cells", type=int, nargs="+", default=[2048, 4096, 8192])
-    ap.add_argument("--kept", type=float, nargs="+", default=[0.25, 0.5, 0.75])
-    ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
-    ap.add_argument("--selections", nargs="+", default=["random", "kvcompose"], choices=["random", "kvcompose"])
-    ap.add_argument("--threads", type=int, default=min(4, os.cpu_count() or 1))
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--model", type=Path, default=None, help="a GGUF file (default: SmolLM2-135M-Instruct Q4_1)")
-    ap.add_argument("--out", type=Path, default=Path("results/compaction.json"))
-    args = ap.parse_args(argv)
-
+def _measure(args: argparse.Namespace, model_path: Path) -> list[dict]:
     import llama_cpp
 
-    from kvcompose_gguf import models
+    from kvcompose_gguf.compactor import recorded_move_forms
 
-    model_path = args.model or models.smollm2_path()
-    log_cb = llama_cpp.llama_log_callback(lambda level, text, user_data: None)
-    llama_cpp.llama_log_set(log_cb, ctypes.c_void_p(0))
     llama_cpp.llama_backend_init()
     model = llama_cpp.llama_model_load_from_file(str(model_path).encode(), llama_cpp.llama_model_default_params())
     if not model:
@@ -288,11 +277,12 @@ def main(argv: list[str] | None = None) -> int:
                         else:
                             sel = _kvcompose_selection(rng, cells, kept, c.n_layer, c.n_head_kv)
                         best = _Best()
-                        for _ in range(args.repeats):
-                            ctx.refill()
-                            _evict_caches()
-                            with best.timed():
-                                result = c.apply(sel)
+                        with recorded_move_forms() as forms:
+                            for _ in range(args.repeats):
+                                ctx.refill()
+                                _evict_caches()
+                                with best.timed():
+                                    result = c.apply(sel)
                         bytes_moved = sum(int(n) * (k + v) for n, (k, v) in zip(sel.counts, ctx.bytes_per_cell_layer))
                         copy = copier.time_ms(bytes_moved, 4 * args.repeats)
                         runs.append(
@@ -304,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
                                 "kept": kept,
                                 "slots": int(sel.counts.max()),
                                 **_selection_shape(sel, result.slot_cells),
+                                "move_forms": dataclasses.asdict(forms[-1]),
                                 "bytes_moved": bytes_moved,
                                 "compact_ms": round(best.wall, 3),
                                 "copy_ms": round(copy.wall, 3),
@@ -317,6 +308,26 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 ctx.close()
     llama_cpp.llama_model_free(model)
+    return runs
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--cells", type=int, nargs="+", default=[2048, 4096, 8192])
+    ap.add_argument("--kept", type=float, nargs="+", default=[0.25, 0.5, 0.75])
+    ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    ap.add_argument("--selections", nargs="+", default=["random", "kvcompose"], choices=["random", "kvcompose"])
+    ap.add_argument("--threads", type=int, default=min(4, os.cpu_count() or 1))
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--model", type=Path, default=None, help="a GGUF file (default: SmolLM2-135M-Instruct Q4_1)")
+    ap.add_argument("--out", type=Path, default=Path("results/compaction.json"))
+    args = ap.parse_args(argv)
+
+    from kvcompose_gguf import models, native
+
+    model_path = args.model or models.smollm2_path()
+    with native.llama_log_to(None):  # keep stderr for the runs' JSON lines
+        runs = _measure(args, model_path)
 
     target = [r for r in runs if r["config"] == "f16-fa"]
     by_mode = {m: [r for r in target if r["selection"] == m] for m in args.selections}

@@ -13,7 +13,6 @@ to results/stats_overhead.json.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import sys
@@ -36,9 +35,6 @@ class _Prefill:
         import llama_cpp
 
         self.llama_cpp = llama_cpp
-        # keep stdout/stderr for the JSON: silence llama.cpp's loading chatter
-        self._log_cb = llama_cpp.llama_log_callback(lambda level, text, user_data: None)
-        llama_cpp.llama_log_set(self._log_cb, ctypes.c_void_p(0))
         llama_cpp.llama_backend_init()
         self.model = llama_cpp.llama_model_load_from_file(str(model_path).encode(), llama_cpp.llama_model_default_params())
         if not self.model:
@@ -101,35 +97,37 @@ def main(argv: list[str] | None = None) -> dict:
 
     native.load()
     model_path = models.model_path(args.model)
-    bench = _Prefill(model_path, max(args.lengths), args.threads, args.flash_attn == "on")
     rows = []
-    try:
-        bench.run(min(args.lengths))  # warm-up: page in weights, size the compute buffers
-        for n in args.lengths:
-            modes = ["off"] + [f"on_{w}" for w in args.windows]
-            wall = {m: float("inf") for m in modes}
-            cpu = {m: float("inf") for m in modes}
-            for _ in range(args.repeats):
-                for mode in modes:
-                    if mode == "off":
-                        w, c = bench.run(n)
-                    else:
-                        obs = stats.AttentionObserver(bench.ctx, n_last=int(mode.split("_")[1]))
-                        with obs:
+    # keep stdout/stderr for the JSON: silence llama.cpp's loading chatter
+    with native.llama_log_to(None):
+        bench = _Prefill(model_path, max(args.lengths), args.threads, args.flash_attn == "on")
+        try:
+            bench.run(min(args.lengths))  # warm-up: page in weights, size the compute buffers
+            for n in args.lengths:
+                modes = ["off"] + [f"on_{w}" for w in args.windows]
+                wall = {m: float("inf") for m in modes}
+                cpu = {m: float("inf") for m in modes}
+                for _ in range(args.repeats):
+                    for mode in modes:
+                        if mode == "off":
                             w, c = bench.run(n)
-                            assert obs.n_queries == int(mode.split("_")[1])
-                    wall[mode], cpu[mode] = min(wall[mode], w), min(cpu[mode], c)
-            row = {
-                "n_prompt": n,
-                "prefill_wall_s": {m: round(t, 4) for m, t in wall.items()},
-                "prefill_cpu_s": {m: round(t, 4) for m, t in cpu.items()},
-                "overhead_wall_pct": {m: round(100.0 * (wall[m] / wall["off"] - 1.0), 2) for m in modes if m != "off"},
-                "overhead_cpu_pct": {m: round(100.0 * (cpu[m] / cpu["off"] - 1.0), 2) for m in modes if m != "off"},
-            }
-            rows.append(row)
-            print(json.dumps(row), file=sys.stderr, flush=True)
-    finally:
-        bench.close()
+                        else:
+                            obs = stats.AttentionObserver(bench.ctx, n_last=int(mode.split("_")[1]))
+                            with obs:
+                                w, c = bench.run(n)
+                                assert obs.n_queries == int(mode.split("_")[1])
+                        wall[mode], cpu[mode] = min(wall[mode], w), min(cpu[mode], c)
+                row = {
+                    "n_prompt": n,
+                    "prefill_wall_s": {m: round(t, 4) for m, t in wall.items()},
+                    "prefill_cpu_s": {m: round(t, 4) for m, t in cpu.items()},
+                    "overhead_wall_pct": {m: round(100.0 * (wall[m] / wall["off"] - 1.0), 2) for m in modes if m != "off"},
+                    "overhead_cpu_pct": {m: round(100.0 * (cpu[m] / cpu["off"] - 1.0), 2) for m in modes if m != "off"},
+                }
+                rows.append(row)
+                print(json.dumps(row), file=sys.stderr, flush=True)
+        finally:
+            bench.close()
 
     result = {
         **report_header("stats_overhead", argv),

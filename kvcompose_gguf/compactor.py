@@ -338,7 +338,8 @@ class Compactor:
             cells_before=n_before,
             cells_after=n_after,
             physical_bytes_freed=bytes_freed,
-            logical_entries_dropped=entries_before - int((cells >= 0).sum()),
+            # llama.cpp accepted the selection: exactly counts[l] cells per (layer, head)
+            logical_entries_dropped=entries_before - self.n_head_kv * int(counts.sum()),
             slot_cells=slot_cells,
         )
 

@@ -1,10 +1,11 @@
-// kvcompose: the one door into llama_kv_cache's private members (internal, C++).
+// kvcompose: the one door into llama.cpp's private members (internal, C++).
 //
-// The kvcompose patch makes this struct a friend of llama_kv_cache and
-// llama_kv_cache_context; every native source that needs the cache's cells, layer tensors
-// or per-layer layout goes through it, so the patch exposes nothing else.
+// The kvcompose patch makes this struct a friend of llama_kv_cache, llama_kv_cache_context
+// and llama_context; every native source that needs the cache's cells, layer tensors, per-layer
+// layout or the context's graph results goes through it, so the patch exposes nothing else.
 #pragma once
 
+#include "llama-context.h"
 #include "llama-kv-cache.h"
 
 #include <vector>
@@ -36,6 +37,16 @@ struct llama_kvcompose_access {
     static size_t buffer_bytes(const llama_kv_cache & kv) { return kv.total_size(); }
 
     static void set_head(llama_kv_cache & kv, uint32_t strm, uint32_t head) { kv.v_heads[strm] = head; }
+
+    // no decode graph built before this call may be reused (the scheduler was reset)
+    static void forget_graphs(llama_context & ctx) {
+        for (auto & res : ctx.gf_res_prev) {
+            if (res) {
+                res->reset();
+            }
+        }
+        ctx.gf_res_prev_active = nullptr;
+    }
 
     static const llama_kv_cache & kv_of(const llama_kv_cache_context & mctx) { return *mctx.kv; }
     static const llama_kv_cache::slot_info & sinfo_of(const llama_kv_cache_context & mctx) { return mctx.sinfos[mctx.i_cur]; }

@@ -351,51 +351,53 @@ void plan_split(const compaction_plan & plan, int32_t il, layer_moves & m) {
     for (auto & s : m.sub_src) { s -= (int32_t) m.lo*H; }
 }
 
-// the cells [lo, hi) that the sources of slots [j_begin, j_end) span
-layer_moves::chunk span_chunk(const compaction_plan & plan, int32_t il, int64_t j_begin, int64_t j_end) {
-    layer_moves::chunk c = { j_begin, j_end, INT64_MAX, 0, 0, 0 };
-    for (int64_t j = j_begin; j < j_end; ++j) {
-        for (int32_t h = 0; h < plan.n_head_kv; ++h) {
-            c.lo = std::min<int64_t>(c.lo, slot_cell(plan, il, h, (int32_t) j));
-            c.hi = std::max<int64_t>(c.hi, slot_cell(plan, il, h, (int32_t) j) + 1);
-        }
-    }
-    return c;
-}
-
-// Chunks let a staged copy stay in the CPU's caches between its copy and its gather. They are
-// only safe when no chunk reads a cell an earlier chunk has written: with consecutive
-// destinations, when every chunk's sources lie at or after its first destination cell (true
-// when each head's cells ascend with the slots, as policies lay them out). Else one chunk.
-std::vector<layer_moves::chunk> plan_chunks(const compaction_plan & plan, int32_t il, int64_t j0,
-        int64_t n_chunks, int64_t dst_first) {
-    const int64_t n = plan.counts[il] - j0;
-    n_chunks = dst_first >= 0 ? std::max<int64_t>(1, std::min(n_chunks, n)) : 1;
-    std::vector<layer_moves::chunk> chunks;
-    for (int64_t k = 0; k < n_chunks; ++k) {
-        chunks.push_back(span_chunk(plan, il, j0 + n*k/n_chunks, j0 + n*(k + 1)/n_chunks));
-        if (k > 0 && chunks.back().lo < dst_first + (chunks.back().j_begin - j0)) {
-            return { span_chunk(plan, il, j0, plan.counts[il]) };
-        }
-    }
-    return chunks;
-}
-
+// The slots from j0 on, in chunks of consecutive slots, with the cells each chunk's sources
+// span. Chunks let a staged copy stay in the CPU's caches between its copy and its gather.
+// They are only safe when no chunk reads a cell an earlier chunk has written: with
+// consecutive destinations, when every chunk's sources lie at or after its first destination
+// cell (true when each head's cells ascend with the slots, as policies lay them out). Else
+// one chunk. One pass over the selection: planning is part of every compaction's time.
 void plan_span(const compaction_plan & plan, int32_t il, int64_t n_chunks, layer_moves & m) {
     const int32_t H = plan.n_head_kv;
+    const int64_t n = plan.counts[il] - m.j0;
+    n_chunks = m.dst_first >= 0 ? std::max<int64_t>(1, std::min(n_chunks, n)) : 1;
+
+    std::vector<int32_t> cells((size_t) (n*H)); // slot-major
     m.span_whole = true;
-    for (int32_t j = (int32_t) m.j0; j < plan.counts[il] && m.span_whole; ++j) {
-        for (int32_t h = 1; h < H; ++h) {
-            m.span_whole = m.span_whole && slot_cell(plan, il, h, j) == slot_cell(plan, il, 0, j);
+    bool chunks_safe = true;
+    for (int64_t k = 0; k < n_chunks; ++k) {
+        layer_moves::chunk c = { m.j0 + n*k/n_chunks, m.j0 + n*(k + 1)/n_chunks, INT64_MAX, 0, 0, 0 };
+        for (int64_t j = c.j_begin; j < c.j_end; ++j) {
+            int32_t * slot = cells.data() + (j - m.j0)*H;
+            for (int32_t h = 0; h < H; ++h) {
+                slot[h] = slot_cell(plan, il, h, (int32_t) j);
+                c.lo = std::min<int64_t>(c.lo, slot[h]);
+                c.hi = std::max<int64_t>(c.hi, slot[h] + 1);
+                m.span_whole = m.span_whole && slot[h] == slot[0];
+            }
         }
+        chunks_safe = chunks_safe && (k == 0 || c.lo >= m.dst_first + (c.j_begin - m.j0));
+        m.chunks.push_back(c);
     }
-    m.chunks = plan_chunks(plan, il, m.j0, n_chunks, m.dst_first);
+    if (!chunks_safe) {
+        layer_moves::chunk one = { m.j0, plan.counts[il], INT64_MAX, 0, 0, 0 };
+        for (const auto & c : m.chunks) {
+            one.lo = std::min(one.lo, c.lo);
+            one.hi = std::max(one.hi, c.hi);
+        }
+        m.chunks = { one };
+    }
+
+    // gather indices relative to each chunk's first cell: whole rows, or (cell, head) slices
+    const int32_t per_slot = m.span_whole ? 1 : H;
+    m.span_src.reserve((size_t) (n*per_slot));
     for (auto & c : m.chunks) {
         c.first = (int64_t) m.span_src.size();
         for (int64_t j = c.j_begin; j < c.j_end; ++j) {
-            for (int32_t h = 0; h < (m.span_whole ? 1 : H); ++h) {
-                const int64_t cell = slot_cell(plan, il, h, (int32_t) j) - c.lo;
-                m.span_src.push_back((int32_t) (m.span_whole ? cell : cell*H + h));
+            const int32_t * slot = cells.data() + (j - m.j0)*H;
+            for (int32_t h = 0; h < per_slot; ++h) {
+                const int32_t cell = (int32_t) (slot[h] - c.lo);
+                m.span_src.push_back(m.span_whole ? cell : cell*H + h);
             }
         }
         c.n = (int64_t) m.span_src.size() - c.first;
@@ -659,20 +661,6 @@ void set_move_inputs(const compaction_plan & plan, const std::vector<layer_moves
     }
 }
 
-// llama_context::memory_update() does the same after K-shift: our graph reset the scheduler,
-// so the previous decode graph must not be reused and the worst case is reserved again.
-// The reserve needs the context of the whole memory (both caches of an iSWA model), not kv's.
-void reserve_after_compute(llama_context * lctx, llama_kv_cache & kv) {
-    GGML_UNUSED(kv);
-    const auto & cparams = lctx->get_cparams();
-    const auto mctx = lctx->get_memory()->init_full();
-    const uint32_t n_tokens = std::min(cparams.n_ctx, cparams.n_ubatch);
-    const uint32_t n_outputs_max = std::min(n_tokens, cparams.n_outputs_max);
-    if (!lctx->graph_reserve(n_tokens, cparams.n_seq_max, n_outputs_max, mctx.get())) {
-        LLAMA_LOG_ERROR("%s: failed to reserve graph after the compaction\n", __func__);
-    }
-}
-
 // Which form each moved K / V tensor takes. Both forms give the same bytes, so only this line
 // (read by the tests and the benchmark) shows when a backend stops getting the fast one.
 struct move_forms {
@@ -708,10 +696,16 @@ void log_move_forms(const llama_kv_cache & kv, const compaction_plan & plan, con
             "%d transposed V\n", __func__, f.span, f.chunks, f.split, f.staged, f.columns);
 }
 
+// The move runs through the context's scheduler, as llama.cpp's K-shift does. Resetting the
+// scheduler invalidates the decode graph it last allocated, so llama.cpp must not reuse that
+// graph: the next decode builds and allocates its own. (memory_update() also reserves the
+// worst-case graph again after a K-shift; that is not needed for correctness -- the allocator's
+// buffers only grow, and a decode allocates what it needs -- and costs 0.6-0.9 ms a call.)
 int32_t move_rows(llama_context * lctx, llama_kv_cache & kv, const compaction_plan & plan) {
     auto * sched = lctx->get_sched();
     llama_synchronize(lctx);
     ggml_backend_sched_reset(sched);
+    access::forget_graphs(*lctx);
 
     auto * res = lctx->get_gf_res_reserve();
     res->reset();
@@ -727,14 +721,12 @@ int32_t move_rows(llama_context * lctx, llama_kv_cache & kv, const compaction_pl
     ggml_cgraph * gf = build_graph_compact(res, kv, plan, moves, inp);
     if (!ggml_backend_sched_alloc_graph(sched, gf)) {
         LLAMA_LOG_ERROR("%s: failed to allocate the compaction graph\n", __func__);
-        reserve_after_compute(lctx, kv);
         return LLAMA_KVCOMPOSE_ERR_COMPUTE;
     }
     set_move_inputs(plan, moves, inp);
 
     const ggml_status status = lctx->graph_compute(gf, false);
     ggml_backend_sched_synchronize(sched);
-    reserve_after_compute(lctx, kv);
     return status == GGML_STATUS_SUCCESS ? LLAMA_KVCOMPOSE_OK : LLAMA_KVCOMPOSE_ERR_COMPUTE;
 }
 

@@ -11,6 +11,8 @@ chat: a multi-turn chat (eval.tasks.chat_recall, RULER's noise as filler turns) 
 4x n_ctx long, the model's own replies in between; the last question recalls the magic
 number of the first turn. For a compressing policy, each row also lists after every turn
 how many (layer, KV head) pairs still hold all tokens of the number (of 30 x 3).
+--mention-key: every filler turn asks whether the model still remembers the number for the
+key (without restating it), a chat that keeps coming back to the fact.
 memory: what per-layer memory allocates for each n_ctx and kv_memory (no prompt is run),
 read from llama.cpp's tensors and buffers, beside the full cache.
 --kv-memory gives the compressing policies per-layer physical memory (`Llama(kv_memory=...)`):
@@ -63,9 +65,9 @@ def passkey(llm, seed: int, target_tokens: int = 1500) -> dict:
             "answers": sample.answers}
 
 
-def chat(llm, seed: int, n_ctx: int) -> dict:
+def chat(llm, seed: int, n_ctx: int, mention_key: bool = False) -> dict:
     count = lambda text: len(llm.tokenize(text.encode(), add_bos=False))  # noqa: E731
-    scenario = tasks.chat_recall(seed, 0, 4 * CHAT_CTX, count, n_turns=6)
+    scenario = tasks.chat_recall(seed, 0, 4 * CHAT_CTX, count, n_turns=6, mention_key=mention_key)
     messages = [{"role": "system", "content": SYSTEM}]
     retention = []
     for turn in scenario.turns:
@@ -116,6 +118,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seed0", type=int, default=0, help="first seed")
     parser.add_argument("--kv-memory", default=None, help="per-layer memory of the compressing policies, "
                         "a fraction of a full n_ctx cache (memory: a comma-separated list)")
+    parser.add_argument("--mention-key", action="store_true", help="chat: every filler turn asks whether the "
+                        "model still remembers the number for the key (without the number)")
     parser.add_argument("--n-ctx", default=None, help="default 768 (passkey), 512 (chat); "
                         "a larger one with --policies stock gives the full-cache reference (memory: a list)")
     args = parser.parse_args(argv)
@@ -137,7 +141,7 @@ def main(argv=None) -> int:
         for seed in range(args.seed0, args.seed0 + args.samples):
             t0 = time.time()
             llm = _llama(policy, n_ctx, args.observe, args.kv_memory if policy else None)
-            row = passkey(llm, seed) if args.task == "passkey" else chat(llm, seed, n_ctx)
+            row = passkey(llm, seed) if args.task == "passkey" else chat(llm, seed, n_ctx, args.mention_key)
             row["kv_bytes_allocated"] = kv_bytes_allocated(llm)
             llm.close()
             correct += row["correct"]

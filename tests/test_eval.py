@@ -159,6 +159,16 @@ def test_chat_recall_asks_for_the_number_given_in_the_first_turn(filler):
     assert scenario == tasks.chat_recall(seed=0, index=1, target_tokens=600, filler_text=filler, n_turns=4)
 
 
+def test_chat_recall_can_mention_the_key_in_every_turn_without_its_number():
+    plain = tasks.chat_recall(seed=0, index=1, target_tokens=600, n_turns=4)
+    mentioned = tasks.chat_recall(seed=0, index=1, target_tokens=600, n_turns=4, mention_key=True)
+    key, number = mentioned.metadata["key"], mentioned.answers[0]
+    assert (mentioned.turns[0], mentioned.question, mentioned.answers) == (plain.turns[0], plain.question, plain.answers)
+    for with_key, without in zip(mentioned.turns[1:], plain.turns[1:]):
+        assert key in with_key and number not in with_key
+        assert with_key.rsplit("\n", 1)[0] == without.rsplit("\n", 1)[0]  # the same passage
+
+
 def test_unknown_task_is_a_clear_error():
     with pytest.raises(KeyError, match="unknown task 'nope'"):
         tasks.generate("nope", 1, 100)

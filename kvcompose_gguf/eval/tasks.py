@@ -468,10 +468,13 @@ def chat_recall(
     *,
     filler_text: str | None = None,
     n_turns: int = 6,
+    mention_key: bool = False,
 ) -> ChatScenario:
     """First turn: a magic number to remember; then n_turns user turns of about
     target_tokens / n_turns tokens each (passages of `filler_text`, RULER's noise if None),
-    each asking for a plain "OK"; last: the recall question.
+    each asking for a plain "OK" -- or, with mention_key, whether the model still remembers
+    the number for the key (a conversation that keeps coming back to the fact without
+    restating it); last: the recall question.
 
     The form is the one SmolLM2-135M answers with a full cache (a needle's wording,
     short replies); asking for summaries instead made it answer the recall question
@@ -496,7 +499,9 @@ def chat_recall(
                 cursor += 1
         else:
             passage = _noise(per_turn, meter)
-        turns.append("Read this text:\n" + " ".join(passage) + "\nReply with OK.")
+        ask = (f"Do you still remember the special magic number for {key}? Reply with yes or no."
+               if mention_key else "Reply with OK.")
+        turns.append("Read this text:\n" + " ".join(passage) + "\n" + ask)
     return ChatScenario(
         task="chat_recall",
         index=index,

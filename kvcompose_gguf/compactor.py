@@ -255,10 +255,11 @@ class Compactor:
         )
         native.check("llama_kvcompose_seq_set_layer_counts", status, f"seq_id={seq_id}")
 
-    def plan_restore(self, seq_id: int, slot_of_cell: np.ndarray) -> None:
+    def plan_restore(self, seq_id: int, slot_of_cell: np.ndarray | None) -> None:
         """With per-layer memory: the next llama_state_seq_set_data into seq_id puts cell i of
-        the saved sequence in slot slot_of_cell[i]'s own cell (-1: a cell for new tokens)."""
-        slot_of_cell = np.ascontiguousarray(slot_of_cell, dtype=np.int32)
+        the saved sequence in slot slot_of_cell[i]'s own cell (-1: a cell for new tokens).
+        None drops a plan that a refused restore left unused."""
+        slot_of_cell = np.ascontiguousarray([] if slot_of_cell is None else slot_of_cell, dtype=np.int32)
         status = self._lib.llama_kvcompose_layout_restore_plan(self._ctx, seq_id, len(slot_of_cell), _i32(slot_of_cell))
         native.check("llama_kvcompose_layout_restore_plan", status, f"seq_id={seq_id}")
 

@@ -95,6 +95,8 @@ def load_seq(compactor: Compactor, data: bytes, seq_id: int = 0) -> None:
         compactor.plan_restore(seq_id, slot_of_cell)
     src = (ctypes.c_uint8 * len(blob)).from_buffer_copy(blob)
     if llama_cpp.llama_state_seq_set_data(compactor._ctx, src, len(blob), seq_id) != len(blob):
+        if layout.per_layer:
+            compactor.plan_restore(seq_id, None)  # else the next restore would take it
         raise RuntimeError("llama_state_seq_set_data refused the blob (model, cache type, size or layout mismatch)")
 
     seq = compactor.seq_cells(seq_id)

@@ -241,7 +241,7 @@ int32_t llama_kvcompose_layout_restore_plan(
          llama_seq_id   seq_id,
               int32_t   n_cells,
         const int32_t * slot_of_cell) {
-    if (ctx == nullptr || slot_of_cell == nullptr || n_cells < 1) {
+    if (ctx == nullptr || n_cells < 0 || (n_cells > 0 && slot_of_cell == nullptr)) {
         return LLAMA_KVCOMPOSE_ERR_ARGUMENT;
     }
     const llama_kv_cache * kv = llama_kvcompose_compact_cache(ctx);
@@ -250,6 +250,12 @@ int32_t llama_kvcompose_layout_restore_plan(
     }
     if (seq_id < 0 || (uint32_t) seq_id >= access::n_seq_max(*kv)) {
         return LLAMA_KVCOMPOSE_ERR_ARGUMENT;
+    }
+    if (n_cells == 0) {
+        // a restore that failed before reading any cell left its plan unused
+        std::lock_guard<std::mutex> lock(g_layout_mutex);
+        g_restore_plans.erase(kv);
+        return LLAMA_KVCOMPOSE_OK;
     }
     const uint32_t n_recent = access::n_recent(*kv);
     const uint32_t n_slots  = access::cells(*kv, 0).size() - n_recent;

@@ -48,8 +48,10 @@ LLAMA_API int32_t llama_kvcompose_layout_get(
 // Where the next llama_state_seq_set_data into seq_id puts the sequence's cells, for a cache
 // with a per-layer layout: cell i of the saved sequence (in the saved cell order) goes to
 // n_recent + slot_of_cell[i] when slot_of_cell[i] >= 0, else to a free cell below n_recent.
-// Without a plan the restore places every cell below n_recent. The plan is used once.
-//   n_cells      : the saved sequence's cell count
+// Without a plan the restore places every cell below n_recent. The plan is used once; a
+// restore that llama.cpp refuses before reading the cells leaves it pending, and n_cells 0
+// drops it.
+//   n_cells      : the saved sequence's cell count (0: drop the pending plan)
 //   slot_of_cell : [n_cells] composite slot of each cell, -1 for a cell that is none
 //                  (llama_kvcompose_seq_layer_counts reports it before saving)
 LLAMA_API int32_t llama_kvcompose_layout_restore_plan(

@@ -269,6 +269,31 @@ def test_a_state_the_layout_cannot_hold_is_refused_before_loading(tiny_model_pat
     assert llama_cpp.llama_state_set_data(s.ctx, buf, size) == 0
 
 
+def test_a_restore_refused_before_its_cells_leaves_no_plan_for_the_next_one(tiny_model_path, monkeypatch):
+    toks = prompt(np.random.default_rng(6), 400)
+    a = layout_session(tiny_model_path, flash_attn=True)
+    a.decode(toks[:350], range(350))
+    ca = Compactor(a.ctx)
+    seq = ca.seq_cells(0)
+    ca.apply(random_selection(np.random.default_rng(3), seq.cells, seq.positions, ca.n_layer, ca.n_head_kv, COUNTS))
+    saved = state.save_seq(ca, 0)
+    plain = Session(tiny_model_path, n_ctx=N_CTX, flash_attn=True)
+    plain.decode(toks[:30], range(30))
+    plain_blob = plain.blob()
+
+    b = layout_session(tiny_model_path, flash_attn=True)
+    cb = Compactor(b.ctx)
+    # llama.cpp refusing the blob before it reads any cell (e.g. another stream count)
+    with monkeypatch.context() as m:
+        m.setattr(llama_cpp, "llama_state_seq_set_data", lambda ctx, src, size, seq_id: 0)
+        with pytest.raises(RuntimeError, match="refused the blob"):
+            state.load_seq(cb, saved, 0)
+    # the plan for the refused state is gone: a plain sequence restores below n_recent
+    b.set_blob(plain_blob)
+    np.testing.assert_array_equal(cb.seq_cells(0).cells, np.arange(30))
+    np.testing.assert_array_equal(b.decode(toks[30:31], [30]), plain.decode(toks[30:31], [30]))
+
+
 # --- the Llama integration ------------------------------------------------------------
 
 

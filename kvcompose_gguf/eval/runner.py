@@ -1,8 +1,11 @@
 """Runs methods x budgets x observation modes over tasks and context lengths.
 
 Budgets are given as kvpress compression ratios (the fraction dropped) so the
-tables read like kvpress's; each record carries both the ratio and the
-kv_budget (= 1 - ratio) the method was created with. Three kinds of task:
+tables read like kvpress's; each record carries both the ratio and kv_budget
+(= 1 - ratio): the fraction of the full cache's cells the method holds (its n_ctx, or
+with kvcompose-layers its memory). Within that memory the `Llama` integration compresses
+whenever the cells run out, each compression at its own default kv_budget, so a long
+prompt is compressed several times, not once to kv_budget. Three kinds of task:
 
 - generated questions (tasks.TASKS): one chat completion per sample, scored by answer recall;
 - chat_recall: a multi-turn conversation longer than the compressing methods' n_ctx,

@@ -216,14 +216,20 @@ def test_a_second_sequence_cannot_take_slot_cells_another_one_holds(tiny_model_p
 # --- state ----------------------------------------------------------------------------
 
 
+def _compacted_layout_session(model_path, toks, flash_attn: bool) -> tuple[Session, Compactor]:
+    """A layout session holding toks[:350], compacted to COUNTS slots per layer."""
+    s = layout_session(model_path, flash_attn=flash_attn)
+    s.decode(toks[:350], range(350))
+    c = Compactor(s.ctx)
+    seq = c.seq_cells(0)
+    c.apply(random_selection(np.random.default_rng(3), seq.cells, seq.positions, c.n_layer, c.n_head_kv, COUNTS))
+    return s, c
+
+
 @pytest.mark.parametrize("flash_attn", [True, False])
 def test_saved_sequence_restores_into_its_slot_cells_of_a_fresh_layout(tiny_model_path, flash_attn):
     toks = prompt(np.random.default_rng(2), 400)
-    a = layout_session(tiny_model_path, flash_attn=flash_attn)
-    a.decode(toks[:350], range(350))
-    ca = Compactor(a.ctx)
-    seq = ca.seq_cells(0)
-    ca.apply(random_selection(np.random.default_rng(3), seq.cells, seq.positions, ca.n_layer, ca.n_head_kv, COUNTS))
+    a, ca = _compacted_layout_session(tiny_model_path, toks, flash_attn)
     a.decode(toks[350:360], range(350, 360))
     saved = state.save_seq(ca, 0)
 
@@ -271,11 +277,7 @@ def test_a_state_the_layout_cannot_hold_is_refused_before_loading(tiny_model_pat
 
 def test_a_restore_refused_before_its_cells_leaves_no_plan_for_the_next_one(tiny_model_path, monkeypatch):
     toks = prompt(np.random.default_rng(6), 400)
-    a = layout_session(tiny_model_path, flash_attn=True)
-    a.decode(toks[:350], range(350))
-    ca = Compactor(a.ctx)
-    seq = ca.seq_cells(0)
-    ca.apply(random_selection(np.random.default_rng(3), seq.cells, seq.positions, ca.n_layer, ca.n_head_kv, COUNTS))
+    a, ca = _compacted_layout_session(tiny_model_path, toks, flash_attn=True)  # a keeps the context alive
     saved = state.save_seq(ca, 0)
     plain = Session(tiny_model_path, n_ctx=N_CTX, flash_attn=True)
     plain.decode(toks[:30], range(30))

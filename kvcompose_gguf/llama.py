@@ -223,8 +223,10 @@ class KVCompression:
         if kv_budget is None:
             # per-layer memory is allocated whatever is kept: a compression fills the capacities
             kv_budget = 1.0 if caps is not None else self._covering_protection(s.kv_budget, observation, protected, cap)
-        if caps is not None:
-            kv_budget = _within_capacities(kv_budget, observation, caps)
+        # a budget that keeps more than the layers can hold (kv_budget near 1 in a full pool)
+        # keeps what they hold: the compression must free what the new tokens need
+        layer_caps = caps if caps is not None else np.full(observation.positions.shape[0], cap)
+        kv_budget = _within_capacities(kv_budget, observation, layer_caps)
         selection = s.policy.select(observation, kv_budget, protected=protected,
                                     layer_caps=caps if caps is not None else cap)
         selection = replace(selection, slot_positions=self.positions.slot_cache_positions(observation, selection))
@@ -489,9 +491,9 @@ class CachePositions:
 
 
 def _within_capacities(kv_budget, observation, caps: np.ndarray):
-    """The budget, lowered to what per-layer capacities can hold: a layer keeps at most its
-    capacity and at most its tokens. A fraction of all layers' tokens, or an int count per
-    layer."""
+    """The budget, lowered to what the layers can hold: a layer keeps at most its capacity
+    (per-layer memory, or the cells a shared pool leaves beside the new tokens) and at most
+    its tokens. A fraction of all layers' tokens, or an int count per layer."""
     layer_tokens = (observation.positions >= 0).any(axis=1).sum(axis=1)
     if isinstance(kv_budget, float):
         holdable = int(np.minimum(caps, layer_tokens).sum())
@@ -513,7 +515,8 @@ class Llama(llama_cpp.Llama):
 
     kv_compress: a policy name ("kvcompose", "kvcompose-uniform", "snapkv", "pyramidkv",
         "tova", "streaming", "random") or a `policies.Policy`; None (default) is stock behaviour.
-    kv_budget: fraction of the cells kept at each compression, in (0, 1], or an int cell count.
+    kv_budget: fraction of the cells kept at each compression, in (0, 1], or an int cell count;
+        at most what fits beside the tokens the compression makes room for.
     kv_observe: "window" (default), "lookahead", "repeat", or a task prompt (see `CompressionSettings`).
     kv_window: observing queries in window mode (default 32).
     kv_protect_prefix: first tokens never dropped: an int, or "system" (default): the leading

@@ -69,6 +69,26 @@ def test_prompt_longer_than_n_ctx_is_compressed_instead_of_refused(tiny_model_pa
     assert held == n_layer * n_head_kv * stats["logical_tokens"] - stats["logical_entries_dropped"]
 
 
+@pytest.mark.parametrize("kv_budget", [0.9, 1.0, 200])
+def test_a_budget_above_what_the_pool_holds_keeps_what_fits(tiny_model_path, kv_budget):
+    """A budget that keeps more cells than the pool leaves beside the new tokens (a fraction
+    near 1, or more cells than fit) is lowered to what fits, not refused mid-prompt."""
+    kwargs = dict(n_ctx=256, n_batch=64, flash_attn=True)
+    half = _compressing(tiny_model_path, kv_budget=0.5, **kwargs)
+    half(LONG_TEXT, max_tokens=4, temperature=0)
+    kept_by_half = [r.result.cells_after for r in half._kv.records]
+
+    llm = _compressing(tiny_model_path, kv_budget=kv_budget, **kwargs)
+    out = llm(LONG_TEXT, max_tokens=4, temperature=0)
+    kept = [r.result.cells_after for r in llm._kv.records]
+    assert out["usage"]["prompt_tokens"] > 3 * 256
+    assert max(kept) < 256 and min(kept) > max(kept_by_half)  # freed room, and kept more than half
+    held = llm._kv.compactor.n_head_kv * int(llm._kv.compactor.cells_owned(0).sum())
+    n_layer = llama_cpp.llama_model_n_layer(llm._model.model)
+    stats = llm.kv_stats()
+    assert held == n_layer * llm._kv.compactor.n_head_kv * stats["logical_tokens"] - stats["logical_entries_dropped"]
+
+
 def test_a_different_prompt_rebuilds_the_cache_like_a_fresh_context(tiny_model_path, caplog):
     llm = _compressing(tiny_model_path, n_ctx=256, n_batch=64)
     llm(LONG_TEXT, max_tokens=4, temperature=0)

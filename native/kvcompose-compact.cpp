@@ -450,8 +450,11 @@ ggml_tensor * new_index(ggml_context * ctx, size_t n) {
 // relies on nodes running one after another in graph order, which a GPU backend sharing
 // host memory (Metal, integrated GPUs) does not promise. The test is the buffer type itself,
 // the one llama_kv_cache allocates on the CPU: ggml's CPU buffer type reports no device.
+// KVCOMPOSE_COMPACT_UNSTAGED=1 gives the CPU the form device memory takes, so that the
+// CPU-only tests run the GPUs' path too.
 bool stage_sources(const ggml_tensor * cache) {
-    return cache->buffer != nullptr && ggml_backend_buffer_get_type(cache->buffer) == ggml_backend_cpu_buffer_type();
+    return cache->buffer != nullptr && ggml_backend_buffer_get_type(cache->buffer) == ggml_backend_cpu_buffer_type() &&
+        getenv("KVCOMPOSE_COMPACT_UNSTAGED") == nullptr;
 }
 
 // cells [lo, hi) of rows [units, kv_size], copied when staged

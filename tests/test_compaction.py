@@ -157,9 +157,14 @@ CACHE_TYPES = [
 
 
 @pytest.mark.parametrize("flash_attn,type_k,type_v", CACHE_TYPES)
-def test_compaction_equals_numpy_rearrangement_of_state_blob(sessions, tiny_model_path, flash_attn, type_k, type_v):
+@pytest.mark.parametrize("form", ["staged", "device"])
+def test_compaction_equals_numpy_rearrangement_of_state_blob(sessions, tiny_model_path, flash_attn, type_k, type_v,
+                                                             form, monkeypatch):
     """Three interleaved sequences; seq 1 is compacted with per-layer counts. Its blob must be
-    the numpy rearrangement of the old blob; the other two blobs must not change at all."""
+    the numpy rearrangement of the old blob; the other two blobs must not change at all.
+    "device": the unstaged gather that GPU memory takes, forced on the CPU."""
+    if form == "device":
+        monkeypatch.setenv("KVCOMPOSE_COMPACT_UNSTAGED", "1")
     rng = np.random.default_rng(type_k * 7 + flash_attn)
     s = sessions(tiny_model_path, flash_attn=flash_attn, type_k=type_k, type_v=type_v, n_seq_max=3)
     n = 36
@@ -171,8 +176,14 @@ def test_compaction_equals_numpy_rearrangement_of_state_blob(sessions, tiny_mode
     counts = rng.integers(6, 20, c.n_layer)
     sel = random_selection(rng, seq.cells, seq.positions, c.n_layer, c.n_head_kv, counts)
 
-    result = c.apply(sel, seq_id=1)
+    with recorded_move_forms() as forms:
+        result = c.apply(sel, seq_id=1)
 
+    # the other sequences' cells break the destinations' run: the split form, staged or not
+    (f,) = forms
+    n_row_tensors = c.n_layer * (2 if flash_attn else 1)
+    assert (f.in_place, f.through_temporary) == (0, n_row_tensors)
+    assert f.staged == (n_row_tensors if form == "staged" else 0)
     # destinations: the lowest cells that were free or held by seq 1 alone
     used_by_others = set(c.seq_cells(0).cells) | set(c.seq_cells(2).cells)
     free_or_own = [cell for cell in range(256) if cell not in used_by_others]

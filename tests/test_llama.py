@@ -89,6 +89,13 @@ def test_a_budget_above_what_the_pool_holds_keeps_what_fits(tiny_model_path, kv_
     assert held == n_layer * llm._kv.compactor.n_head_kv * stats["logical_tokens"] - stats["logical_entries_dropped"]
 
 
+@pytest.mark.parametrize("flash_attn", [True, False])
+def test_flash_attention_off_is_reported_as_the_slow_compaction_path(tiny_model_path, flash_attn, caplog):
+    with caplog.at_level(logging.INFO, logger="kvcompose_gguf"):
+        _compressing(tiny_model_path, n_ctx=256, flash_attn=flash_attn).close()
+    assert ("flash attention is off" in caplog.text) is (not flash_attn)
+
+
 def test_a_different_prompt_rebuilds_the_cache_like_a_fresh_context(tiny_model_path, caplog):
     llm = _compressing(tiny_model_path, n_ctx=256, n_batch=64)
     llm(LONG_TEXT, max_tokens=4, temperature=0)

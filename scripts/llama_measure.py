@@ -10,7 +10,9 @@ llama_cpp.Llama refuses the prompt; each policy answers from a compressed cache.
 chat: a multi-turn chat (eval.tasks.chat_recall, RULER's noise as filler turns) about
 4x n_ctx long, the model's own replies in between; the last question recalls the magic
 number of the first turn. For a compressing policy, each row also lists after every turn
-how many (layer, KV head) pairs still hold all tokens of the number (of 30 x 3).
+how many (layer, KV head) pairs still hold all tokens of the number (of 30 x 3), and, per
+compression while the number is cached, where its digits rank among the cached tokens'
+scores (median over the pairs holding them; 0 = the most attended).
 --mention-key: every filler turn asks whether the model still remembers the number for the
 key (without restating it), a chat that keeps coming back to the fact.
 memory: what per-layer memory allocates for each n_ctx and kv_memory (no prompt is run),
@@ -70,6 +72,7 @@ def chat(llm, seed: int, n_ctx: int, mention_key: bool = False) -> dict:
     scenario = tasks.chat_recall(seed, 0, 4 * CHAT_CTX, count, n_turns=6, mention_key=mention_key)
     messages = [{"role": "system", "content": SYSTEM}]
     retention = []
+    ranks = _record_number_ranks(llm, scenario.answers[0])
     for turn in scenario.turns:
         messages.append({"role": "user", "content": turn})
         messages.append({"role": "assistant", "content": _reply(llm, messages, 32)})
@@ -80,16 +83,55 @@ def chat(llm, seed: int, n_ctx: int, mention_key: bool = False) -> dict:
            "answers": scenario.answers, "logical_tokens": llm.n_tokens}
     if retention[0] is not None:
         row["heads_holding_number_after_each_turn"] = retention
+        row["number_rank_at_each_compression"] = ranks
     return row
+
+
+def _number_tokens(llm, number: str) -> list[int]:
+    return llm.tokenize(f" {number}".encode(), add_bos=False)[-len(number):]
+
+
+def _first_occurrence(llm, needle: list[int]) -> int:
+    history = [int(t) for t in llm.input_ids[: llm.n_tokens]]
+    return next(i for i in range(len(history)) if history[i : i + len(needle)] == needle)
+
+
+def _record_number_ranks(llm, number: str) -> list:
+    """Per compression, while any digit of the number is still cached: the median over the
+    (layer, KV head) pairs holding some of its digits of their rank percentile among the
+    cached tokens' scores (0 = the most attended), and how many of those pairs rank them in
+    the top half. Empty for a stock cache."""
+    ranks: list = []
+    kv = getattr(llm, "_kv", None)
+    if kv is None:
+        return ranks
+    observe = kv._observe
+
+    def observed(upcoming, mode):
+        observation, used = observe(upcoming, mode)
+        first = _first_occurrence(llm, _number_tokens(llm, number))
+        per_pair = []
+        for scores, positions in zip(observation.scores.reshape(-1, observation.scores.shape[-1]),
+                                     observation.positions.reshape(-1, observation.positions.shape[-1])):
+            digits = scores[(positions >= first) & (positions < first + len(number))]
+            valid = scores[positions >= 0]
+            if digits.size:
+                per_pair.append(float(np.median((valid[None, :] > digits[:, None]).mean(axis=1))))
+        if per_pair:
+            ranks.append({"median": round(float(np.median(per_pair)), 2),
+                          "pairs_in_top_half": int((np.array(per_pair) < 0.5).sum()), "pairs": len(per_pair)})
+        return observation, used
+
+    kv._observe = observed
+    return ranks
 
 
 def _heads_holding(llm, number: str) -> int | None:
     """(layer, KV head) pairs whose cache still holds every token of `number` (None: stock cache)."""
     if getattr(llm, "_kv", None) is None:
         return None
-    needle = llm.tokenize(f" {number}".encode(), add_bos=False)[-len(number):]
-    history = [int(t) for t in llm.input_ids[: llm.n_tokens]]
-    first = next(i for i in range(len(history)) if history[i : i + len(needle)] == needle)
+    needle = _number_tokens(llm, number)
+    first = _first_occurrence(llm, needle)
     held = np.isin(llm._kv.logical_positions(), np.arange(first, first + len(needle)))
     return int((held.sum(axis=-1) == len(needle)).sum())
 

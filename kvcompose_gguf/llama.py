@@ -227,8 +227,7 @@ class KVCompression:
         # keeps what they hold: the compression must free what the new tokens need
         layer_caps = caps if caps is not None else np.full(observation.positions.shape[0], cap)
         kv_budget = _within_capacities(kv_budget, observation, layer_caps)
-        selection = s.policy.select(observation, kv_budget, protected=protected,
-                                    layer_caps=caps if caps is not None else cap)
+        selection = s.policy.select(observation, kv_budget, protected=protected, layer_caps=layer_caps)
         selection = replace(selection, slot_positions=self.positions.slot_cache_positions(observation, selection))
         result = self.compactor.apply(selection, seq_id=SEQ_ID, cell_tokens=self._cell_tokens(observation))
         self.compressed_upto = n
@@ -588,9 +587,9 @@ class Llama(llama_cpp.Llama):
                         "and a model whose compressed layers are not shared or sliding-window only; the "
                         "library log says why)"
                     )
-                room = compactor.layout.n_recent if compactor.layout.per_layer else self.n_ctx()
-                support.check_fits(settings.window, settings.kv_budget, room, settings.probe_cells)
-                self._kv = KVCompression(self, settings, compactor)
+                kv = KVCompression(self, settings, compactor)
+                support.check_fits(settings.window, settings.kv_budget, kv.room(), settings.probe_cells)
+                self._kv = kv
             except (support.UnsupportedModelError, ValueError):
                 self.close()
                 raise

@@ -28,7 +28,7 @@ def pool_by_position(scores: np.ndarray, positions: np.ndarray, members: np.ndar
     flat_pos = positions.reshape(-1, n_cells)
     flat_members = members.reshape(-1, n_cells)
     # Members first, in original-position order; the rest behave as trailing zeros.
-    order = np.argsort(np.where(flat_members, flat_pos, np.iinfo(np.int64).max), axis=-1, kind="stable")
+    order = np.argsort(np.where(flat_members, flat_pos, np.iinfo(flat_pos.dtype).max), axis=-1, kind="stable")
     gathered = np.take_along_axis(np.where(flat_members, scores.reshape(-1, n_cells), 0), order, axis=-1)
     half = kernel_size // 2
     padded = np.pad(gathered.astype(np.float32), ((0, 0), (half, half)))

@@ -229,6 +229,13 @@ def load_model(args: argparse.Namespace):
         from kvcompose_gguf import models
     except ImportError as exc:
         raise CliError(str(exc)) from None
+    if args.policy != "none":
+        from .policies import get_policy
+
+        try:  # before the model: a typo is reported as such, also where the model is missing
+            get_policy(args.policy)
+        except ValueError as exc:
+            raise CliError(str(exc)) from None
     try:
         path = models.model_path(args.model)
     except models.ModelNotInstalledError as exc:

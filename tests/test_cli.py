@@ -34,6 +34,7 @@ def _chat(args: list[str], stdin: str, timeout: int = 120) -> subprocess.Complet
         (["--budget", "0"], "budget"),
         (["--budget", "1.5"], "must lie in (0, 1]"),
         (["--policy", "no-such-policy"], "policy 'no-such-policy'"),
+        (["/nonexistent/model.gguf", "--policy", "no-such-policy"], "policy 'no-such-policy'"),  # checked first
         (["--cache-type-v", "q8_0", "--no-flash-attn"], "needs flash attention"),
     ],
 )

@@ -9,12 +9,14 @@ import ctypes
 
 import llama_cpp
 import numpy as np
+from placement import n_gpu_layers as default_gpu_layers
 
 
 class Session:
     """One model and one context; one llama_decode per `decode` call.
 
-    n_ubatch defaults to n_ctx; n_batch is max(n_ctx, n_ubatch). type_k / type_v of None keep
+    n_ubatch defaults to n_ctx; n_batch is max(n_ctx, n_ubatch). n_gpu_layers of None takes
+    `placement.n_gpu_layers()`. type_k / type_v of None keep
     llama.cpp's default (f16). cb_eval is an optional ggml_backend_sched_eval_callback.
     """
 
@@ -31,9 +33,12 @@ class Session:
         kv_unified=True,
         n_threads=1,
         cb_eval=None,
+        n_gpu_layers=None,
     ):
         llama_cpp.llama_backend_init()
-        self.model = llama_cpp.llama_model_load_from_file(str(model_path).encode(), llama_cpp.llama_model_default_params())
+        mp = llama_cpp.llama_model_default_params()
+        mp.n_gpu_layers = default_gpu_layers() if n_gpu_layers is None else n_gpu_layers
+        self.model = llama_cpp.llama_model_load_from_file(str(model_path).encode(), mp)
         assert self.model
         n_ubatch = n_ctx if n_ubatch is None else n_ubatch
         cp = llama_cpp.llama_context_default_params()

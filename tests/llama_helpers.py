@@ -1,5 +1,6 @@
 """Constructors shared by the `Llama`-level tests: stock and compressing contexts with
-one thread unless asked (on a shared 2-core machine more threads only stall each other)."""
+one thread unless asked (on a shared 2-core machine more threads only stall each other)
+and the layers placed as `placement.n_gpu_layers()` says."""
 
 from __future__ import annotations
 
@@ -7,11 +8,13 @@ import llama_cpp
 import numpy as np
 
 from kvcompose_gguf.llama import Llama
+from placement import n_gpu_layers
 
 
 def threads(kwargs: dict) -> dict:
     kwargs.setdefault("n_threads", 1)
     kwargs.setdefault("n_threads_batch", kwargs["n_threads"])
+    kwargs.setdefault("n_gpu_layers", n_gpu_layers())
     return kwargs
 
 

@@ -60,7 +60,8 @@ def test_quick_bench_writes_consistent_json(short_context_model, tmp_path, capsy
     assert prefill["off"] == {"wall_s": off[0], "cpu_s": off[1]} and min(off) > 0
     assert prefill["stats_on"] == {"wall_s": on[0], "cpu_s": on[1]} and min(on) > 0
     for i, clock in enumerate(("wall", "cpu")):
-        assert prefill["stats_overhead_pct"][clock] == pytest.approx(100 * (on[i] / off[i] - 1), abs=0.05)
+        # the samples are rounded: on a fast (GPU) prefill that shows in the ratio
+        assert prefill["stats_overhead_pct"][clock] == pytest.approx(100 * (on[i] / off[i] - 1), rel=1e-3, abs=0.05)
         assert prefill["tokens_per_s"][clock] == pytest.approx(length / off[i], rel=0.01)
 
     (budget,) = row["budgets"]

@@ -24,6 +24,7 @@ except native.LibraryNotPatchedError as exc:  # pragma: no cover - depends on th
     pytestmark = pytest.mark.skip(reason=f"libllama without the kvcompose patch: {exc}")
 
 from c_api import Session  # noqa: E402
+from placement import kv_in_device_memory  # noqa: E402
 
 from kvcompose_gguf import state, state_blob  # noqa: E402
 from kvcompose_gguf.compactor import Compactor, recorded_move_forms  # noqa: E402
@@ -180,10 +181,11 @@ def test_compaction_equals_numpy_rearrangement_of_state_blob(sessions, tiny_mode
         result = c.apply(sel, seq_id=1)
 
     # the other sequences' cells break the destinations' run: the split form, staged or not
+    # (device memory is never staged)
     (f,) = forms
     n_row_tensors = c.n_layer * (2 if flash_attn else 1)
     assert (f.in_place, f.through_temporary) == (0, n_row_tensors)
-    assert f.staged == (n_row_tensors if form == "staged" else 0)
+    assert f.staged == (n_row_tensors if form == "staged" and not kv_in_device_memory() else 0)
     # destinations: the lowest cells that were free or held by seq 1 alone
     used_by_others = set(c.seq_cells(0).cells) | set(c.seq_cells(2).cells)
     free_or_own = [cell for cell in range(256) if cell not in used_by_others]
@@ -675,15 +677,19 @@ def test_large_cache_moves_in_chunks_byte_exactly(sessions, tiny_model_path, fla
         result = c.apply(sel)
 
     # a cache in the CPU backend's memory takes the staged in-place form (the fast one; the
-    # other form gives the same bytes, so only the log tells them apart)
+    # other form gives the same bytes, so only the log tells them apart); device memory the other
     n_row_tensors = c.n_layer * (2 if flash_attn else 1)
     (f,) = forms
-    assert (f.in_place, f.through_temporary, f.transposed_v) == (n_row_tensors, 0, 0 if flash_attn else c.n_layer)
-    if layout == "shuffled":
-        assert f.chunks == f.in_place  # a chunk could read a cell an earlier one wrote: one span
-    elif flash_attn and type_k == F16:
-        # 1 MiB of K rows: more than one ~512 KiB chunk (a transposed V takes one span for both)
-        assert f.chunks > f.in_place
+    transposed_v = 0 if flash_attn else c.n_layer
+    if kv_in_device_memory():
+        assert (f.in_place, f.through_temporary, f.staged, f.transposed_v) == (0, n_row_tensors, 0, transposed_v)
+    else:
+        assert (f.in_place, f.through_temporary, f.transposed_v) == (n_row_tensors, 0, transposed_v)
+        if layout == "shuffled":
+            assert f.chunks == f.in_place  # a chunk could read a cell an earlier one wrote: one span
+        elif flash_attn and type_k == F16:
+            # 1 MiB of K rows: more than one ~512 KiB chunk (a transposed V takes one span for both)
+            assert f.chunks > f.in_place
     np.testing.assert_array_equal(result.slot_cells, np.arange(1500))
     expected, known = expected_blob(before, sel, seq.cells, result.slot_cells, c.n_head_kv)
     got = state_blob.parse_seq_state(s.blob()).only_stream()

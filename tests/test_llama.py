@@ -12,12 +12,13 @@ from kvcompose_gguf import cli
 from kvcompose_gguf.llama import Llama
 from kvcompose_gguf.stats import AttentionObserver
 from llama_helpers import compressing as _compressing, last_logits as _last_logits, stock as _stock
+from placement import assert_close
 
 LONG_TEXT = "The quick brown fox jumps over the lazy dog. " * 18  # ~830 byte tokens
 
 
 def test_without_kv_compress_it_is_stock_llama_cpp(tiny_model_path):
-    ours = Llama(model_path=str(tiny_model_path), n_ctx=256, logits_all=True, verbose=False)
+    ours = _compressing(tiny_model_path, kv_compress=None, n_ctx=256, logits_all=True)
     stock = _stock(tiny_model_path, n_ctx=256, logits_all=True)
     a = ours("Hello there", max_tokens=12, temperature=0, logprobs=3)
     b = stock("Hello there", max_tokens=12, temperature=0, logprobs=3)
@@ -274,7 +275,7 @@ def test_lookahead_observes_the_window_and_the_greedy_continuation_after_it(tmp_
     llm.eval([42])  # decoding goes on from the history, not from the continuation
     reference = _stock(path, n_ctx=256)
     reference.eval(history + [42])
-    np.testing.assert_allclose(_last_logits(llm), _last_logits(reference), rtol=1e-5, atol=1e-5)
+    assert_close(_last_logits(llm), _last_logits(reference), rtol=1e-5, atol=1e-5, device_atol=2e-2)
 
 
 @pytest.mark.gemma
@@ -464,7 +465,9 @@ def test_format_kv_stats_is_a_per_layer_table_of_what_the_cache_holds(tiny_model
 
 
 ASCII_ONLY = {str(3 + b): -100.0 for b in range(128, 256)}  # byte tokens: llama-cpp-python's stream
-# drops multi-byte characters a random model may produce; keep the comparison to what we change
+# drops multi-byte characters a random model may produce; keep the comparison to what we change.
+# End of sequence too: whether a random model ends at once depends on the backend's rounding.
+ASCII_ONLY["2"] = -100.0
 
 
 def _chat(llm, messages, **kwargs):

@@ -1,6 +1,7 @@
 """Cost of in-place compaction against the physical limit, a plain copy of the same bytes.
 
     python -m kvcompose_gguf.bench.compaction [--cells 2048 4096 8192] [--kept 0.25 0.5 0.75]
+    python -m kvcompose_gguf.bench.compaction --n-gpu-layers -1   # the cache in GPU memory
 
 For each cache configuration, size, kept fraction and selection mode: a context of the
 default model with exactly `cells` cells is filled through llama_state_seq_set_data with a
@@ -22,11 +23,12 @@ Reported per run:
 - bytes_moved: K and V bytes of the kept rows (kept slots x row bytes, summed over layers),
   whether or not a row had to move;
 - copy_ms: a ggml_cpy of bytes_moved contiguous bytes on the same backend and thread count
-  (the physical limit), and ratio = compact_ms / copy_ms;
+  (the physical limit; in GPU memory with --n-gpu-layers), and ratio = compact_ms / copy_ms;
 - compact_cpu_ms, copy_cpu_ms, ratio_cpu: the same runs in CPU time of the calling thread
   (with --threads 1 ggml computes on it), which other jobs on a shared machine inflate less;
 - move_forms: how the K / V tensors moved (compactor.MoveForms): a cache in the CPU
-  backend's memory should show every moved tensor gathered in place from staged copies.
+  backend's memory should show every moved tensor gathered in place from staged copies, one in
+  GPU memory every tensor moved through a temporary, unstaged.
 
 Before every timed run a 256 MiB buffer is written, so both start from cold caches.
 
@@ -90,37 +92,46 @@ class _Best:
             self.cpu = min(self.cpu, (time.thread_time() - c0) * 1e3)
 
 
+class _InitParams(ctypes.Structure):
+    _fields_ = [("mem_size", ctypes.c_size_t), ("mem_buffer", ctypes.c_void_p), ("no_alloc", ctypes.c_bool)]
+
+
+def _declare(lib: ctypes.CDLL, specs) -> ctypes.CDLL:
+    for name, args, res in specs:
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = args, res
+    return lib
+
+
+_vp = ctypes.c_void_p
+_GRAPH_API = [
+    ("ggml_init", [_InitParams], _vp),
+    ("ggml_free", [_vp], None),
+    ("ggml_new_tensor_1d", [_vp, ctypes.c_int, ctypes.c_int64], _vp),
+    ("ggml_cpy", [_vp, _vp, _vp], _vp),
+    ("ggml_new_graph", [_vp], _vp),
+    ("ggml_build_forward_expand", [_vp, _vp], None),
+    ("ggml_tensor_overhead", [], ctypes.c_size_t),
+    ("ggml_graph_overhead", [], ctypes.c_size_t),
+    ("ggml_get_data", [_vp], _vp),
+]
+
+
 class _GgmlCopy:
     """A ggml_cpy of n contiguous bytes computed by the CPU backend (libggml of the loaded libllama)."""
 
-    class _InitParams(ctypes.Structure):
-        _fields_ = [("mem_size", ctypes.c_size_t), ("mem_buffer", ctypes.c_void_p), ("no_alloc", ctypes.c_bool)]
+    name = "CPU"
 
     def __init__(self, lib_dir: Path, n_threads: int):
-        self.base = ctypes.CDLL(str(lib_dir / "libggml-base.so"))
-        self.cpu = ctypes.CDLL(str(lib_dir / "libggml-cpu.so"))
-        vp = ctypes.c_void_p
-        for name, args, res in [
-            ("ggml_init", [self._InitParams], vp),
-            ("ggml_free", [vp], None),
-            ("ggml_new_tensor_1d", [vp, ctypes.c_int, ctypes.c_int64], vp),
-            ("ggml_cpy", [vp, vp, vp], vp),
-            ("ggml_new_graph", [vp], vp),
-            ("ggml_build_forward_expand", [vp, vp], None),
-            ("ggml_tensor_overhead", [], ctypes.c_size_t),
-            ("ggml_graph_overhead", [], ctypes.c_size_t),
-            ("ggml_get_data", [vp], vp),
-        ]:
-            fn = getattr(self.base, name)
-            fn.argtypes, fn.restype = args, res
-        self.cpu.ggml_graph_compute_with_ctx.argtypes = [vp, vp, ctypes.c_int]
-        self.cpu.ggml_graph_compute_with_ctx.restype = ctypes.c_int
+        self.base = _declare(ctypes.CDLL(str(lib_dir / "libggml-base.so")), _GRAPH_API)
+        self.cpu = _declare(ctypes.CDLL(str(lib_dir / "libggml-cpu.so")),
+                            [("ggml_graph_compute_with_ctx", [_vp, _vp, ctypes.c_int], ctypes.c_int)])
         self.n_threads = n_threads
 
     def time_ms(self, n_bytes: int, repeats: int) -> "_Best":
         n = (n_bytes + 1) // 2  # f16 elements
         size = 2 * (2 * n + 64) + 8 * self.base.ggml_tensor_overhead() + self.base.ggml_graph_overhead()
-        ctx = self.base.ggml_init(self._InitParams(size, None, False))
+        ctx = self.base.ggml_init(_InitParams(size, None, False))
         try:
             src = self.base.ggml_new_tensor_1d(ctx, F16, n)
             dst = self.base.ggml_new_tensor_1d(ctx, F16, n)
@@ -138,6 +149,55 @@ class _GgmlCopy:
             return best
         finally:
             self.base.ggml_free(ctx)
+
+
+class _DeviceCopy:
+    """A ggml_cpy of n contiguous bytes in the memory of ggml's best backend (the GPU an
+    offloaded cache lives on); ggml_backend_graph_compute returns once the copy is done."""
+
+    def __init__(self, lib_dir: Path):
+        self.base = _declare(ctypes.CDLL(str(lib_dir / "libggml-base.so")), _GRAPH_API + [
+            ("ggml_backend_name", [_vp], ctypes.c_char_p),
+            ("ggml_backend_free", [_vp], None),
+            ("ggml_backend_alloc_ctx_tensors", [_vp, _vp], _vp),
+            ("ggml_backend_buffer_free", [_vp], None),
+            ("ggml_backend_tensor_memset", [_vp, ctypes.c_uint8, ctypes.c_size_t, ctypes.c_size_t], None),
+            ("ggml_backend_graph_compute", [_vp, _vp], ctypes.c_int),
+        ])
+        registry = _declare(ctypes.CDLL(str(lib_dir / "libggml.so")), [("ggml_backend_init_best", [], _vp)])
+        self.backend = registry.ggml_backend_init_best()
+        if not self.backend:
+            raise RuntimeError("ggml has no backend to run the reference copy on")
+        self.name = self.base.ggml_backend_name(self.backend).decode()
+
+    def time_ms(self, n_bytes: int, repeats: int) -> "_Best":
+        n = (n_bytes + 1) // 2  # f16 elements
+        ctx = self.base.ggml_init(_InitParams(8 * self.base.ggml_tensor_overhead() + self.base.ggml_graph_overhead(),
+                                              None, True))
+        buf = None
+        try:
+            src = self.base.ggml_new_tensor_1d(ctx, F16, n)
+            dst = self.base.ggml_new_tensor_1d(ctx, F16, n)
+            buf = self.base.ggml_backend_alloc_ctx_tensors(ctx, self.backend)
+            if not buf:
+                raise RuntimeError(f"could not allocate {2 * n_bytes} bytes on {self.name}")
+            self.base.ggml_backend_tensor_memset(src, 0x3C, 0, 2 * n)
+            self.base.ggml_backend_tensor_memset(dst, 0, 0, 2 * n)
+            graph = self.base.ggml_new_graph(ctx)
+            self.base.ggml_build_forward_expand(graph, self.base.ggml_cpy(ctx, src, dst))
+            best = _Best()
+            for i in range(repeats + 1):
+                with best.timed(skip=i == 0):  # the first run loads the kernel
+                    if self.base.ggml_backend_graph_compute(self.backend, graph) != 0:
+                        raise RuntimeError("ggml_backend_graph_compute failed")
+            return best
+        finally:
+            if buf:
+                self.base.ggml_backend_buffer_free(buf)
+            self.base.ggml_free(ctx)
+
+    def close(self) -> None:
+        self.base.ggml_backend_free(self.backend)
 
 
 class _Context:
@@ -250,16 +310,19 @@ def _selection_shape(sel, dst_cells: np.ndarray) -> dict:
     return {"whole_row_slots": round(whole / total, 3), "in_place_slots": round(in_place / total, 3)}
 
 
-def _measure(args: argparse.Namespace, model_path: Path) -> list[dict]:
+def _measure(args: argparse.Namespace, model_path: Path) -> tuple[list[dict], str]:
     import llama_cpp
 
     from kvcompose_gguf.compactor import recorded_move_forms
 
     llama_cpp.llama_backend_init()
-    model = llama_cpp.llama_model_load_from_file(str(model_path).encode(), llama_cpp.llama_model_default_params())
+    params = llama_cpp.llama_model_default_params()
+    params.n_gpu_layers = args.n_gpu_layers
+    model = llama_cpp.llama_model_load_from_file(str(model_path).encode(), params)
     if not model:
         raise RuntimeError(f"could not load {model_path}")
-    copier = _GgmlCopy(Path(llama_cpp.llama_cpp._lib._name).parent, args.threads)
+    lib_dir = Path(llama_cpp.llama_cpp._lib._name).parent
+    copier = _GgmlCopy(lib_dir, args.threads) if args.n_gpu_layers == 0 else _DeviceCopy(lib_dir)
     rng = np.random.default_rng(0)
 
     runs = []
@@ -308,7 +371,9 @@ def _measure(args: argparse.Namespace, model_path: Path) -> list[dict]:
             finally:
                 ctx.close()
     llama_cpp.llama_model_free(model)
-    return runs
+    if isinstance(copier, _DeviceCopy):
+        copier.close()
+    return runs, copier.name
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -320,6 +385,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=min(4, os.cpu_count() or 1))
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--model", type=Path, default=None, help="a GGUF file (default: SmolLM2-135M-Instruct Q4_1)")
+    ap.add_argument("--n-gpu-layers", type=int, default=0,
+                    help="layers (and their KV cache) offloaded to the GPU of a CUDA/Metal build; -1: all")
     ap.add_argument("--out", type=Path, default=Path("results/compaction.json"))
     args = ap.parse_args(argv)
 
@@ -327,13 +394,14 @@ def main(argv: list[str] | None = None) -> int:
 
     model_path = args.model or models.smollm2_path()
     with native.llama_log_to(None):  # keep stderr for the runs' JSON lines
-        runs = _measure(args, model_path)
+        runs, backend = _measure(args, model_path)
 
     target = [r for r in runs if r["config"] == "f16-fa"]
     by_mode = {m: [r for r in target if r["selection"] == m] for m in args.selections}
     report = {
         **report_header("compaction", argv),
-        "backend": "CPU",
+        "backend": backend,
+        "n_gpu_layers": args.n_gpu_layers,
         "threads": args.threads,
         "model": Path(model_path).name,
         "target": "compact_ms <= 3 x copy_ms for f16-fa",

@@ -322,7 +322,8 @@ def _measure(args: argparse.Namespace, model_path: Path) -> tuple[list[dict], st
     if not model:
         raise RuntimeError(f"could not load {model_path}")
     lib_dir = Path(llama_cpp.llama_cpp._lib._name).parent
-    copier = _GgmlCopy(lib_dir, args.threads) if args.n_gpu_layers == 0 else _DeviceCopy(lib_dir)
+    offloaded = args.n_gpu_layers != 0 and llama_cpp.llama_supports_gpu_offload()
+    copier = _DeviceCopy(lib_dir) if offloaded else _GgmlCopy(lib_dir, args.threads)
     rng = np.random.default_rng(0)
 
     runs = []

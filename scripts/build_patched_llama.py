@@ -81,19 +81,45 @@ def _hash_tree(h: "hashlib._Hash", root: Path, pattern: str) -> None:
             h.update(b"\0")
 
 
+def _x86_linux() -> bool:
+    return sys.platform.startswith("linux") and platform.machine().lower() in ("x86_64", "amd64")
+
+
+def platform_cmake_args() -> list[str]:
+    """ggml's AMX int8 matrix kernels segfault in the first decode of a Q4_1 model on Sapphire
+    Rapids CPUs (seen here; upstream llama.cpp issue 20824, closed without a fix), and
+    GGML_NATIVE's -march=native compiles them in wherever the CPU has AMX. Every other
+    native feature stays. A CMAKE_C_FLAGS / CMAKE_CXX_FLAGS in CMAKE_ARGS replaces this."""
+    if not _x86_linux():
+        return []
+    return ["-DCMAKE_C_FLAGS=-mno-amx-int8", "-DCMAKE_CXX_FLAGS=-mno-amx-int8"]
+
+
 def cmake_args() -> list[str]:
     user = os.environ.get("CMAKE_ARGS", "").split()
-    return BASE_CMAKE_ARGS + user
+    return BASE_CMAKE_ARGS + platform_cmake_args() + user
+
+
+def cpu_features() -> str:
+    """What GGML_NATIVE tunes the library to: a wheel built for one CPU may not run on another
+    (illegal instruction), so a cache shared between machines keys it by their features."""
+    if any(arg.upper() in ("-DGGML_NATIVE=OFF", "-DGGML_NATIVE=0") for arg in cmake_args()):
+        return "portable"
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        return platform.processor()
 
 
 def build_key() -> str:
-    """Version, sdist hash, patches, native sources, flags and platform."""
+    """Version, sdist hash, patches, native sources, flags, platform and CPU features."""
     h = hashlib.sha256()
     h.update(f"{PACKAGE}=={VERSION}\0{SDIST_SHA256}\0".encode())
     _hash_tree(h, PATCH_DIR, "*.patch")
     _hash_tree(h, NATIVE_DIR, "*")
     h.update(" ".join(cmake_args()).encode())
-    h.update(f"\0{sys.platform}\0{platform.machine()}".encode())
+    h.update(f"\0{sys.platform}\0{platform.machine()}\0{cpu_features()}".encode())
     return h.hexdigest()[:12]
 
 

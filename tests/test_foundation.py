@@ -55,6 +55,30 @@ def test_build_key_changes_with_flags_and_is_stable_otherwise(monkeypatch):
     assert build.build_key() != key
 
 
+def test_build_key_follows_the_cpu_of_a_native_build_only(monkeypatch):
+    build = _load_build_script()
+    monkeypatch.delenv("CMAKE_ARGS", raising=False)
+    if sys.platform.startswith("linux"):
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith(("flags", "Features")))
+        assert build.cpu_features() == flags.split(":", 1)[1].strip()
+    key = build.build_key()
+    monkeypatch.setattr(build, "cpu_features", lambda: "another cpu")
+    assert build.build_key() != key
+    monkeypatch.undo()
+    monkeypatch.setenv("CMAKE_ARGS", "-DGGML_NATIVE=OFF")
+    assert build.cpu_features() == "portable"
+
+
+def test_library_has_no_amx_kernels_where_the_cpu_has_amx():
+    import llama_cpp
+
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.exists() or "amx_int8" not in cpuinfo.read_text():
+        pytest.skip("this CPU has no AMX: a native build could not have compiled ggml's AMX kernels")
+    # they segfault in the first decode of a Q4_1 model on Sapphire Rapids (upstream issue 20824)
+    assert "AMX_INT8 = 1" not in llama_cpp.llama_print_system_info().decode()
+
+
 def test_build_key_follows_the_native_sources_not_their_documentation(monkeypatch, tmp_path):
     import shutil
 

@@ -46,7 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--kv-memory", type=_kv_memory, default=None,
                       help="per-layer KV memory: a fraction in (0, 1) of a full n_ctx cache, or bytes "
                       "(layers sized from `kvcompose calibrate`'s profile)")
-    chat.add_argument("--observe", default="window", help="observation mode: window, lookahead, repeat, or a task prompt")
+    chat.add_argument("--observe", default="reread",
+                      help="observation mode: reread (default: keeps what each turn looked important when it arrived), "
+                      "window, lookahead, repeat, or a task prompt")
     chat.add_argument("--n-gpu-layers", type=int, default=0)
     chat.add_argument("--flash-attn", action=argparse.BooleanOptionalAction, default=True)
     chat.add_argument("--cache-type-k", choices=CACHE_TYPES, default="f16")
@@ -79,7 +81,8 @@ def add_serve_parser(sub) -> None:
     serve.add_argument("--n-ctx", type=int, default=2048, help="context size in cells (default 2048)")
     serve.add_argument("--budget", type=_budget, default=0.5, help="kv_budget: fraction of cells kept (0,1] or a cell count")
     serve.add_argument("--policy", default="kvcompose", help="compression policy (default kvcompose), 'none' for stock llama.cpp")
-    serve.add_argument("--observe", default="window", help="observation mode: window, lookahead, repeat, or a task prompt")
+    serve.add_argument("--observe", default="reread",
+                       help="observation mode: reread (default), window, lookahead, repeat, or a task prompt")
     serve.add_argument("--protect-prefix", type=_protect_prefix, default="system",
                        help="first tokens never dropped: a count, or 'system' (the system message; default)")
     serve.add_argument("--protect-recent", type=int, default=64, help="last tokens never dropped")
@@ -278,6 +281,7 @@ class TurnStats:
     kv_bytes_full_cache: int  # what a full cache of logical_tokens cells would need
     kv_bytes_full_n_ctx: int  # what a full cache of n_ctx cells takes (more than allocated with --kv-memory)
     layer_budgets: list | None
+    layer_allocation: list | None
     reply_tokens: int
     stopped: str
 
@@ -289,8 +293,8 @@ class TurnStats:
         if self.kv_bytes_full_n_ctx != self.kv_bytes_allocated:
             line += f" of a full {self.n_ctx}-cell cache's {self.kv_bytes_full_n_ctx / 2**20:.1f}"
         line += f" (full cache: {self.kv_bytes_full_cache / 2**20:.1f} MiB)"
-        if self.layer_budgets:
-            line += f" | layers {sparkline(self.layer_budgets)}"
+        if self.layer_allocation:
+            line += f" | allocation {sparkline(self.layer_allocation)}"
         return line + f" | {self.stopped}]"
 
 
@@ -395,6 +399,7 @@ class ChatSession:
             kv_bytes_full_cache=kv_bytes_full_cache(self.llm, kv["logical_tokens"]),
             kv_bytes_full_n_ctx=kv_bytes_full_cache(self.llm, kv["n_ctx"]),
             layer_budgets=kv["layer_budgets"],
+            layer_allocation=kv["layer_allocation"],
             reply_tokens=reply_tokens,
             stopped=stopped,
         )
@@ -550,10 +555,11 @@ def stats_report(stats: TurnStats) -> str:
     if stats.layer_budgets:
         # The fraction is of the widest layer, whose slots set the cells every layer occupies.
         widest = max(stats.layer_budgets) or 1
-        lines.append("last compression, per layer:")
-        lines.append("layer  slots kept  fraction of widest")
-        for layer, kept in enumerate(stats.layer_budgets):
-            lines.append(f"{layer:5d}  {kept:10d}  {kept / widest:18.3f}")
+        lines.append("last compression, per layer (allocated: the policy's budget split; in a shared pool")
+        lines.append("every layer then fills the widest layer's cells with its next-best tokens):")
+        lines.append("layer  slots kept  fraction of widest  allocated")
+        for layer, (kept, allocated) in enumerate(zip(stats.layer_budgets, stats.layer_allocation)):
+            lines.append(f"{layer:5d}  {kept:10d}  {kept / widest:18.3f}  {allocated:9d}")
     else:
         lines.append("no compression yet: every layer holds every cell")
     lines.append(json.dumps(stats.__dict__, indent=2))
@@ -574,9 +580,10 @@ def reconfigure(session: ChatSession, **changes) -> None:
 
 # The session file: a small container beside llama.cpp's (or our versioned) state:
 #   MAGIC | u32 version | u32 header bytes | header (JSON) | input ids int32 | last logits float32
-#   | state bytes | sha256 of everything before it
+#   | score memory keys int64, scores float32 (version 2) | state bytes | sha256 of everything before it
 SESSION_MAGIC = b"KVCCHAT\0"
-SESSION_VERSION = 1
+SESSION_VERSION = 2
+SESSION_VERSIONS_READ = (1, 2)  # version 1: no score memory, no position offset
 _SESSION_OPTIONS = ("model", "n_ctx", "policy", "budget", "observe", "cache_type_k", "cache_type_v", "flash_attn")
 
 
@@ -596,6 +603,7 @@ def save_session(session: ChatSession, path: str) -> int:
     scores = np.asarray(state.scores, dtype=np.float32)
     last_logits = scores[min(n_tokens, len(scores)) - 1] if n_tokens and len(scores) else np.zeros(0, np.float32)
     blob = bytes(state.llama_state)
+    memory_keys, memory_scores = getattr(state, "kv_score_memory", (np.zeros(0, np.int64), np.zeros(0, np.float32)))
     header = {
         "messages": session.messages,
         "turn": session.turn,
@@ -605,11 +613,15 @@ def save_session(session: ChatSession, path: str) -> int:
         "n_vocab": len(last_logits),
         "seed": int(state.seed),
         "kv_compressed_upto": getattr(state, "kv_compressed_upto", None),
+        "kv_position_offset": getattr(state, "kv_position_offset", 0),
+        "kv_reread_upto": getattr(state, "kv_reread_upto", None),
+        "memory_entries": len(memory_keys),
         "state_bytes": len(blob),
     }
     encoded = json.dumps(header).encode()
     body = (SESSION_MAGIC + struct.pack("<II", SESSION_VERSION, len(encoded)) + encoded
-            + input_ids.tobytes() + last_logits.tobytes() + blob)
+            + input_ids.tobytes() + last_logits.tobytes()
+            + np.asarray(memory_keys, np.int64).tobytes() + np.asarray(memory_scores, np.float32).tobytes() + blob)
     data = body + hashlib.sha256(body).digest()
     try:
         with open(path, "wb") as f:
@@ -639,18 +651,23 @@ def read_session(path: str) -> tuple[dict, "llama_cpp.LlamaState"]:  # noqa: F82
     if hashlib.sha256(body).digest() != digest:
         raise CliError(f"{path} is corrupt (checksum mismatch)")
     version, header_bytes = struct.unpack_from("<II", body, len(SESSION_MAGIC))
-    if version != SESSION_VERSION:
-        raise CliError(f"{path} is a version {version} session; this kvcompose reads version {SESSION_VERSION}")
+    if version not in SESSION_VERSIONS_READ:
+        raise CliError(f"{path} is a version {version} session; this kvcompose reads versions "
+                       + ", ".join(map(str, SESSION_VERSIONS_READ)))
     try:
         header = json.loads(body[fixed : fixed + header_bytes])
         n_tokens, n_vocab, state_bytes = header["n_tokens"], header["n_vocab"], header["state_bytes"]
+        n_memory = header.get("memory_entries", 0)
         offset = fixed + header_bytes
-        sizes = (4 * n_tokens, 4 * n_vocab, state_bytes)
+        sizes = (4 * n_tokens, 4 * n_vocab, 8 * n_memory, 4 * n_memory, state_bytes)
         if offset + sum(sizes) != len(body):
             raise ValueError("section sizes do not add up")
-        input_ids = np.frombuffer(body, np.int32, n_tokens, offset)
-        last_logits = np.frombuffer(body, np.float32, n_vocab, offset + sizes[0])
-        blob = body[offset + sizes[0] + sizes[1] :]
+        starts = np.cumsum((offset,) + sizes[:-1])
+        input_ids = np.frombuffer(body, np.int32, n_tokens, starts[0])
+        last_logits = np.frombuffer(body, np.float32, n_vocab, starts[1])
+        memory = (np.frombuffer(body, np.int64, n_memory, starts[2]).copy(),
+                  np.frombuffer(body, np.float32, n_memory, starts[3]).copy())
+        blob = body[starts[4] :]
         state = llama_cpp.LlamaState(
             input_ids=input_ids.astype(np.intc),
             scores=last_logits.reshape(1, -1).copy(),
@@ -663,6 +680,10 @@ def read_session(path: str) -> tuple[dict, "llama_cpp.LlamaState"]:  # noqa: F82
         raise CliError(f"{path} is malformed: {exc}") from None
     if header["kv_compressed_upto"] is not None:
         state.kv_compressed_upto = header["kv_compressed_upto"]
+        state.kv_position_offset = header.get("kv_position_offset", 0)
+        if header.get("kv_reread_upto") is not None:
+            state.kv_reread_upto = header["kv_reread_upto"]
+            state.kv_score_memory = memory
     return header, state
 
 

@@ -32,7 +32,7 @@ from . import state as kv_state
 from . import support
 from .compactor import CompactionResult, Compactor, SlotTable
 from .policies import Observation, Policy, get_policy, protect_positions
-from .stats import AttentionObserver, broadcast_positions, cell_positions, layers_only
+from .stats import AttentionObserver, ScoreMemory, broadcast_positions, cell_positions, layers_only
 
 logger = logging.getLogger("kvcompose_gguf")
 
@@ -40,7 +40,7 @@ SEQ_ID = 0  # llama-cpp-python decodes one sequence
 
 
 # Named observation modes (`CompressionSettings.observe`); any other string is a task prompt.
-OBSERVATION_MODES = ("window", "lookahead", "repeat")
+OBSERVATION_MODES = ("window", "lookahead", "repeat", "reread")
 
 
 @dataclass(frozen=True)
@@ -58,13 +58,19 @@ class CompressionSettings:
         "repeat" (re-feed the whole logical history, the reference's mode, plus the
         end of a long prompt's unread part; in pieces of the free cells when it does
         not fit at once, so it costs about one more prefill of the history per
-        compression), or any other string: a task prompt whose tokens are the
-        observing queries.
+        compression), "reread" (for chats compressed again and again: re-feed the tokens
+        that arrived since the last compression, then the window, and let every cached
+        token keep the best score any compression gave it, spread over its neighbours:
+        `stats.ScoreMemory`; each token is re-read once, about one more prefill over a
+        whole chat), or any other string: a task prompt whose tokens are the observing
+        queries.
     window: observing queries in window mode.
     protect_prefix: the first tokens of the history are never dropped: an int, or "system":
         the tokens of the leading system message of the last `create_chat_completion`
         while the history still starts with them (`SystemPrompt`).
     protect_recent: the last tokens of the history are never dropped.
+    fill: in a shared pool, every layer keeps up to the widest layer's slots
+        (`Policy.select(fill=True)`).
     """
 
     policy: Policy
@@ -73,6 +79,7 @@ class CompressionSettings:
     window: int
     protect_prefix: int | str
     protect_recent: int
+    fill: bool = True
 
     @property
     def probe_cells(self) -> int:
@@ -80,7 +87,8 @@ class CompressionSettings:
         return 2 * self.window if self.observe == "lookahead" else self.window
 
     @classmethod
-    def from_kwargs(cls, kv_compress, kv_budget, kv_observe, kv_window, kv_protect_prefix, kv_protect_recent):
+    def from_kwargs(cls, kv_compress, kv_budget, kv_observe, kv_window, kv_protect_prefix, kv_protect_recent,
+                    kv_fill=True):
         policy = get_policy(kv_compress)
         if isinstance(kv_budget, bool) or not isinstance(kv_budget, (int, float)):
             raise TypeError(f"kv_budget must be a fraction in (0, 1] or an int cell count, got {kv_budget!r}")
@@ -89,7 +97,7 @@ class CompressionSettings:
         if isinstance(kv_budget, int) and kv_budget < 1:
             raise ValueError(f"kv_budget as a cell count must be >= 1, got {kv_budget}")
         if not isinstance(kv_observe, str) or not kv_observe:
-            raise ValueError(f"kv_observe must be 'window', 'repeat' or a task prompt, got {kv_observe!r}")
+            raise ValueError(f"kv_observe must be one of {OBSERVATION_MODES} or a task prompt, got {kv_observe!r}")
         checked = [("kv_window", kv_window, 1), ("kv_protect_recent", kv_protect_recent, 1)]
         if kv_protect_prefix != "system":
             checked.append(("kv_protect_prefix", kv_protect_prefix, 0))
@@ -102,18 +110,25 @@ class CompressionSettings:
                 f"policy {kv_compress!r} accumulates attention over the whole history, which Llama does not "
                 "observe yet; use it through policies + stats + compactor directly"
             )
-        return cls(policy, kv_budget, kv_observe, kv_window, kv_protect_prefix, kv_protect_recent)
+        if not isinstance(kv_fill, bool):
+            raise TypeError(f"kv_fill must be True or False, got {kv_fill!r}")
+        return cls(policy, kv_budget, kv_observe, kv_window, kv_protect_prefix, kv_protect_recent, kv_fill)
 
 
 @dataclass
 class CompressionRecord:
-    """One compaction: its time, what it freed and dropped, and the layers' budgets."""
+    """One compaction: its time, what it freed and dropped, and the layers' budgets.
+
+    layer_counts: the slots each layer kept; layer_allocation: what the policy's budget
+    split gave each layer (in a shared pool the others then fill the widest layer's cells).
+    """
 
     logical_tokens: int
     seconds: float
     result: CompactionResult
     layer_counts: np.ndarray
     observe: str
+    layer_allocation: np.ndarray
 
 
 @dataclass
@@ -128,6 +143,8 @@ class KVCompression:
     positions: "CachePositions" = field(init=False)
     system_tokens: list[int] = field(default_factory=list)  # the leading system message, for protect_prefix="system"
     max_decode: int = field(init=False)  # most tokens one llama_decode may carry
+    memory: ScoreMemory = field(default_factory=ScoreMemory)  # scores carried over compressions ("reread")
+    reread_upto: int = 0  # logical tokens "reread" observation has re-fed so far
 
     def __post_init__(self) -> None:
         self.positions = CachePositions(self)
@@ -178,6 +195,8 @@ class KVCompression:
     def forget(self) -> None:
         """The cache no longer holds compacted cells (it was cleared)."""
         self.compressed_upto = 0
+        self.reread_upto = 0
+        self.memory.forget()
         self.positions.offset = 0
         self.compactor.set_table(SEQ_ID, None)
 
@@ -227,11 +246,16 @@ class KVCompression:
         # keeps what they hold: the compression must free what the new tokens need
         layer_caps = caps if caps is not None else np.full(observation.positions.shape[0], cap)
         kv_budget = _within_capacities(kv_budget, observation, layer_caps)
-        selection = s.policy.select(observation, kv_budget, protected=protected, layer_caps=layer_caps)
+        # in a shared pool the widest layer holds its cells for every layer: the others fill them
+        selection = s.policy.select(
+            observation, kv_budget, protected=protected, layer_caps=layer_caps, fill=s.fill and caps is None
+        )
         selection = replace(selection, slot_positions=self.positions.slot_cache_positions(observation, selection))
         result = self.compactor.apply(selection, seq_id=SEQ_ID, cell_tokens=self._cell_tokens(observation))
         self.compressed_upto = n
-        record = CompressionRecord(n, time.perf_counter() - start, result, selection.counts.copy(), mode)
+        record = CompressionRecord(
+            n, time.perf_counter() - start, result, selection.counts.copy(), mode, selection.allocation.copy()
+        )
         self.records.append(record)
         logger.info(
             "compressed %d -> %d cells at %d logical tokens in %.3f s (%s observation): "
@@ -269,6 +293,9 @@ class KVCompression:
             # the whole logical history again, dropped tokens included, then the end of a
             # long prompt's unread part (usually the question)
             return history + upcoming[-s.window :], "repeat"
+        if observe == "reread":
+            # what arrived since the last re-read, then the newest tokens as in window mode
+            return history[self.reread_upto :] + (history + upcoming)[-s.window :], "reread"
         if observe == "lookahead" and not self.can_look_ahead:
             return (history + upcoming)[-s.window :], "window (no lookahead on sliding-window models)"
         if observe not in ("window", "lookahead"):
@@ -314,6 +341,9 @@ class KVCompression:
         pieces = -(-len(probe) // piece)
         # the policy allocates over the compacted layers only (an iSWA model's global layers)
         observation = _without_positions_from(layers_only(observation, self.compactor.layers), n)
+        if mode == "reread":
+            observation = self.memory.merge(observation)
+            self.reread_upto = n
         if mode == "lookahead" and looked < self.settings.window:
             mode = f"lookahead of {looked} tokens"
         return observation, mode if pieces == 1 else f"{mode} in {pieces} pieces"
@@ -516,11 +546,17 @@ class Llama(llama_cpp.Llama):
         "tova", "streaming", "random") or a `policies.Policy`; None (default) is stock behaviour.
     kv_budget: fraction of the cells kept at each compression, in (0, 1], or an int cell count;
         at most what fits beside the tokens the compression makes room for.
-    kv_observe: "window" (default), "lookahead", "repeat", or a task prompt (see `CompressionSettings`).
+    kv_observe: "window" (default), "lookahead", "repeat", "reread" (chats), or a task prompt
+        (see `CompressionSettings`).
     kv_window: observing queries in window mode (default 32).
     kv_protect_prefix: first tokens never dropped: an int, or "system" (default): the leading
         system message of `create_chat_completion`.
     kv_protect_recent: last tokens never dropped (default 64).
+    kv_fill: in a shared pool (no kv_memory) llama.cpp holds a row in every layer for each of
+        the widest layer's cells; True (default): the other layers fill those rows with their
+        next-best tokens, so they keep more logical entries in the same memory, at the cost of
+        the attention compute their unowned rows would have skipped (the CPU's flash attention
+        skips masked cells). False: each layer keeps exactly the policy's allocation.
     kv_max_history: longest logical history (prompt plus completion) accepted, default 2**20;
         `max_tokens=None` generates up to it. Past the model's training context the cells'
         positions are rebased (`CachePositions`); a memory that cannot shift positions keeps
@@ -547,6 +583,7 @@ class Llama(llama_cpp.Llama):
         kv_protect_recent: int = 64,
         kv_max_history: int = 1 << 20,
         kv_memory: float | int | None = None,
+        kv_fill: bool = True,
         **kwargs: Any,
     ):
         settings = None
@@ -554,7 +591,7 @@ class Llama(llama_cpp.Llama):
             raise ValueError("kv_memory sizes a compressed cache: give kv_compress too")
         if kv_compress is not None:
             settings = CompressionSettings.from_kwargs(
-                kv_compress, kv_budget, kv_observe, kv_window, kv_protect_prefix, kv_protect_recent
+                kv_compress, kv_budget, kv_observe, kv_window, kv_protect_prefix, kv_protect_recent, kv_fill
             )
             if not isinstance(kv_max_history, int) or kv_max_history < 1:
                 raise ValueError(f"kv_max_history must be an int >= 1, got {kv_max_history!r}")
@@ -703,6 +740,8 @@ class Llama(llama_cpp.Llama):
         )
         saved.kv_compressed_upto = self._kv.compressed_upto
         saved.kv_position_offset = self._kv.positions.offset
+        saved.kv_reread_upto = self._kv.reread_upto
+        saved.kv_score_memory = self._kv.memory.state()
         return saved
 
     def load_state(self, state: llama_cpp.LlamaState) -> None:
@@ -711,6 +750,8 @@ class Llama(llama_cpp.Llama):
             return super().load_state(state)
         if not hasattr(state, "kv_compressed_upto"):
             raise ValueError("this state was saved by a Llama without kv_compress; load it into one")
+        memory = ScoreMemory(self._kv.memory.span)  # checked before anything changes
+        memory.restore(getattr(state, "kv_score_memory", (np.zeros(0, np.int64), np.zeros(0, np.float32))))
         kv_state.load_seq(self._kv.compactor, bytes(state.llama_state), SEQ_ID)
         self.scores[: len(state.scores), :] = state.scores
         self.input_ids[:] = 0
@@ -720,6 +761,10 @@ class Llama(llama_cpp.Llama):
         self._seed = state.seed
         self._kv.compressed_upto = state.kv_compressed_upto
         self._kv.positions.offset = getattr(state, "kv_position_offset", 0)
+        # without a remembered score memory (an older state) "reread" starts afresh from the
+        # tokens after the last compression rather than re-reading the whole history
+        self._kv.reread_upto = getattr(state, "kv_reread_upto", state.kv_compressed_upto)
+        self._kv.memory = memory
 
     def kv_stats(self) -> dict[str, Any]:
         """Logical tokens, cells, compressions and their memory effects, kept apart:
@@ -736,6 +781,10 @@ class Llama(llama_cpp.Llama):
         What is compressed: the cells of `compressed_layers` (every layer, or on a sliding-window
         model such as Gemma-3 its global-attention layers); `cells_used`, `n_ctx`, the byte
         figures and `layer_budgets` (one per compressed layer) are those layers' cache only.
+        layer_budgets: the slots each layer kept at the last compression; layer_allocation:
+        what the policy's budget split gave each layer. In a shared pool every layer holds a
+        row for each of the widest layer's cells, so the others fill them with their next-best
+        tokens (`Policy.select(fill=True)`): more logical entries, the same memory.
         `swa_cache` (None without one) is the sliding-window layers' cache, never compressed:
         llama.cpp reuses its cells once they leave the window; its layers, cells, the cells the
         sequence holds there, the window and its bytes.
@@ -758,6 +807,7 @@ class Llama(llama_cpp.Llama):
             "physical_bytes_freed": sum(r.result.physical_bytes_freed for r in records),
             "logical_entries_dropped": sum(r.result.logical_entries_dropped for r in records),
             "layer_budgets": last.layer_counts.tolist() if last else None,
+            "layer_allocation": last.layer_allocation.tolist() if last else None,
             "protected_prefix": self._kv.protected_prefix() if self._kv else 0,
             "compressed_layers": np.flatnonzero(self._kv.compactor.layers).tolist() if self._kv else None,
             "swa_cache": None if swa is None else {
@@ -807,13 +857,14 @@ class Llama(llama_cpp.Llama):
             )
         attended = self._kv.compactor.cells_owned(SEQ_ID)
         compressed = stats["compressed_layers"]
-        budgets = dict(zip(compressed, stats["layer_budgets"] or [None] * len(compressed)))
-        lines.append("layer | slots kept at last compression | cells attended now | rows allocated")
+        none = [None] * len(compressed)
+        budgets = dict(zip(compressed, zip(stats["layer_budgets"] or none, stats["layer_allocation"] or none)))
+        lines.append("layer | slots kept at last compression | policy's budget | cells attended now | rows allocated")
         for layer, now in enumerate(attended.tolist()):
             if layer not in budgets:
-                lines.append(f"{layer:5d} | {'sliding window: not compressed':>30} | {'-':>18} | {'-':>14}")
+                lines.append(f"{layer:5d} | {'sliding window: not compressed':>30} | {'-':>15} | {'-':>18} | {'-':>14}")
                 continue
-            kept = budgets[layer]
-            lines.append(f"{layer:5d} | {'-' if kept is None else kept:>30} | {now:>18} | {mem['layer_rows'][layer]:>14}")
+            kept, allocated = ("-" if v is None else v for v in budgets[layer])
+            lines.append(f"{layer:5d} | {kept:>30} | {allocated:>15} | {now:>18} | {mem['layer_rows'][layer]:>14}")
         return "\n".join(lines)
 

@@ -60,7 +60,7 @@ def one_shot_layer_counts(model_path, context: Sequence[int], kv_budget: float, 
         llm.eval(list(context))
         record = llm.compress(kv_budget, observe="repeat")
         layers = llm._kv.compactor.layers
-        return {"layer_counts": [int(x) for x in record.layer_counts], "observe": record.observe,
+        return {"layer_counts": [int(x) for x in record.layer_allocation], "observe": record.observe,
                 "compressed_layers": np.flatnonzero(layers).tolist(), "n_layer": len(layers)}
     finally:
         llm.close()

@@ -60,7 +60,9 @@ class KVModelSettings(ModelSettings):
     kv_budget: Union[int, float] = Field(
         default=0.5, description="Fraction of cells kept per compression in (0, 1], or an int cell count."
     )
-    kv_observe: str = Field(default="window", description="Observation: window, repeat, or a task prompt.")
+    kv_observe: str = Field(
+        default="reread", description="Observation: reread, window, lookahead, repeat, or a task prompt."
+    )
     kv_window: int = Field(default=32, ge=1, description="Observing queries in window mode.")
     kv_protect_prefix: Union[int, str] = Field(
         default="system", description="First tokens never dropped: a count, or 'system' (the leading system message)."

@@ -15,6 +15,9 @@ of original positions, the form the policies read.
     with observer:                 # begin ... end
         llm.eval(tokens)           # any number of decode calls accumulate
         obs = observer.observation()
+
+`ScoreMemory` carries scores from one observation to the next, keyed by original
+position, for caches that are compressed again and again (`kv_observe="reread"`).
 """
 
 from __future__ import annotations
@@ -231,3 +234,88 @@ def _make_observation(scores: np.ndarray, positions: np.ndarray, value_norms: np
 
         return SimpleNamespace(scores=scores, positions=positions, value_norms=value_norms)
     return Observation(scores=scores, positions=positions, value_norms=value_norms)
+
+
+class ScoreMemory:
+    """The best score each (layer, KV head, original position) got over successive observations.
+
+    One observation scores the cached tokens by what its queries attend to. In a chat that
+    is compressed again and again, a fact that later turns never attend to is scored low by
+    every later observation and dropped, however important it looked when it arrived. The
+    memory keeps, for every entry still cached, the maximum over all observations since it
+    arrived, and first spreads each observation's scores over the entry's neighbours within
+    `span` original positions (a max over that window, per layer and head): a number's digits,
+    a name's pieces are kept or dropped together, as the token that drew the attention.
+
+    Entries are keyed by original position, which compaction and position rebasing keep;
+    entries no longer cached are forgotten at the next `merge`.
+    """
+
+    def __init__(self, span: int = 8):
+        if isinstance(span, bool) or not isinstance(span, int) or span < 0:
+            raise ValueError(f"span must be an int >= 0, got {span!r}")
+        self.span = span
+        self._keys = np.zeros(0, dtype=np.int64)  # (layer * n_head_kv + head) << 32 | position, ascending
+        self._scores = np.zeros(0, dtype=np.float32)
+
+    def __len__(self) -> int:
+        return int(self._keys.size)
+
+    def forget(self) -> None:
+        self._keys = np.zeros(0, dtype=np.int64)
+        self._scores = np.zeros(0, dtype=np.float32)
+
+    def state(self) -> tuple[np.ndarray, np.ndarray]:
+        """(keys, scores) copies, for saving beside a cache state."""
+        return self._keys.copy(), self._scores.copy()
+
+    def restore(self, state: tuple[np.ndarray, np.ndarray]) -> None:
+        keys, scores = (np.asarray(a) for a in state)
+        if keys.shape != scores.shape or keys.ndim != 1 or (keys.size and (np.diff(keys) <= 0).any()):
+            raise ValueError("a score memory state is two equal 1-D arrays with ascending keys")
+        self._keys, self._scores = keys.astype(np.int64), scores.astype(np.float32)
+
+    def merge(self, observation):
+        """The observation with every entry's remembered maximum; the memory takes the result."""
+        positions = observation.positions
+        valid = positions >= 0
+        spread = spread_by_position(observation.scores, positions, self.span)
+        keys = _entry_keys(positions)[valid]
+        merged = spread[valid]
+        if self._keys.size:
+            at = np.clip(np.searchsorted(self._keys, keys), 0, self._keys.size - 1)
+            known = self._keys[at] == keys
+            merged[known] = np.maximum(merged[known], self._scores[at[known]])
+        order = np.argsort(keys, kind="stable")
+        self._keys, self._scores = keys[order], merged[order]
+        scores = np.zeros(positions.shape, dtype=np.float32)
+        scores[valid] = merged
+        return _make_observation(scores, positions, observation.value_norms)
+
+
+def _entry_keys(positions: np.ndarray) -> np.ndarray:
+    n_layer, n_head_kv, _ = positions.shape
+    rows = np.arange(n_layer * n_head_kv, dtype=np.int64).reshape(n_layer, n_head_kv, 1)
+    return (rows << 32) | np.maximum(positions, 0).astype(np.int64)
+
+
+def spread_by_position(scores: np.ndarray, positions: np.ndarray, span: int) -> np.ndarray:
+    """Per layer/head, each held entry's score raised to the maximum over the held entries
+    whose original positions lie within `span` of its own (empty cells, -1, take no part)."""
+    if span == 0:
+        return np.where(positions >= 0, scores, 0).astype(np.float32)
+    n_cells = positions.shape[-1]
+    flat_pos = positions.reshape(-1, n_cells).astype(np.int64)
+    held = flat_pos >= 0
+    order = np.argsort(np.where(held, flat_pos, np.iinfo(np.int64).max), axis=-1, kind="stable")
+    pos = np.take_along_axis(np.where(held, flat_pos, -(1 << 40)), order, axis=-1)
+    val = np.take_along_axis(np.where(held, scores.reshape(-1, n_cells), -np.inf), order, axis=-1)
+    best = val.copy()
+    # distinct positions per row, so the neighbours within `span` positions are within `span` entries
+    for shift in range(1, min(span, n_cells - 1) + 1):
+        near = np.abs(pos[:, shift:] - pos[:, :-shift]) <= span
+        best[:, shift:] = np.where(near, np.maximum(best[:, shift:], val[:, :-shift]), best[:, shift:])
+        best[:, :-shift] = np.where(near, np.maximum(best[:, :-shift], val[:, shift:]), best[:, :-shift])
+    out = np.empty_like(best)
+    np.put_along_axis(out, order, best, axis=-1)
+    return np.where(held, out, 0).reshape(positions.shape).astype(np.float32)

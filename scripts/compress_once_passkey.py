@@ -98,7 +98,7 @@ class Ours:
         question = llm.tokenize(tail.encode(), add_bos=False, special=True)
         llm.reset()
         llm.eval(context)
-        counts = [] if self.ratio == 0 else llm.compress(1.0 - self.ratio).layer_counts.tolist()
+        counts = [] if self.ratio == 0 else llm.compress(1.0 - self.ratio).layer_allocation.tolist()
         reply = llm.create_completion(context + question, max_tokens=MAX_NEW, temperature=0)["choices"][0]["text"]
         return reply.split("<|im_end|>")[0], counts
 

@@ -18,8 +18,9 @@ key (without restating it), a chat that keeps coming back to the fact.
 memory: what per-layer memory allocates for each n_ctx and kv_memory (no prompt is run),
 read from llama.cpp's tensors and buffers, beside the full cache.
 --kv-memory gives the compressing policies per-layer physical memory (`Llama(kv_memory=...)`):
-n_ctx cells, in that fraction of a full cache's bytes. Prints one JSON object per policy and
-sample, then a summary line.
+n_ctx cells, in that fraction of a full cache's bytes. --no-fill: `Llama(kv_fill=False)`, each
+layer of the shared pool keeps exactly its allocation. --observe reread is the chat mode.
+Prints one JSON object per policy and sample, then a summary line.
 """
 
 from __future__ import annotations
@@ -42,12 +43,12 @@ SYSTEM = "You are a helpful assistant. Answer briefly."
 CHAT_CTX = 512  # the chat is 4x this long, whatever n_ctx the run uses
 
 
-def _llama(policy: str | None, n_ctx: int, observe: str = "window", kv_memory=None) -> llama_cpp.Llama:
+def _llama(policy: str | None, n_ctx: int, observe: str = "window", kv_memory=None, fill=True) -> llama_cpp.Llama:
     kwargs = dict(model_path=str(models.smollm2_path()), n_ctx=n_ctx, n_batch=256, flash_attn=True, seed=0,
                   verbose=False, n_threads=2)
     if policy is None:
         return llama_cpp.Llama(**kwargs)
-    return Llama(kv_compress=policy, kv_observe=observe, kv_memory=kv_memory, **kwargs)
+    return Llama(kv_compress=policy, kv_observe=observe, kv_memory=kv_memory, kv_fill=fill, **kwargs)
 
 
 def _reply(llm, messages, max_tokens: int) -> str:
@@ -70,15 +71,10 @@ def passkey(llm, seed: int, target_tokens: int = 1500) -> dict:
 def chat(llm, seed: int, n_ctx: int, mention_key: bool = False) -> dict:
     count = lambda text: len(llm.tokenize(text.encode(), add_bos=False))  # noqa: E731
     scenario = tasks.chat_recall(seed, 0, 4 * CHAT_CTX, count, n_turns=6, mention_key=mention_key)
-    messages = [{"role": "system", "content": SYSTEM}]
     retention = []
     ranks = _record_number_ranks(llm, scenario.answers[0])
-    for turn in scenario.turns:
-        messages.append({"role": "user", "content": turn})
-        messages.append({"role": "assistant", "content": _reply(llm, messages, 32)})
-        retention.append(_heads_holding(llm, scenario.answers[0]))
-    messages.append({"role": "user", "content": scenario.question})
-    reply = _reply(llm, messages, 32)
+    reply = scenario.play(lambda messages, n: _reply(llm, messages, n), SYSTEM,
+                          after_turn=lambda _: retention.append(_heads_holding(llm, scenario.answers[0])))
     row = {"seed": seed, "correct": all(a in reply for a in scenario.answers), "reply": reply[:80],
            "answers": scenario.answers, "logical_tokens": llm.n_tokens}
     if retention[0] is not None:
@@ -160,6 +156,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seed0", type=int, default=0, help="first seed")
     parser.add_argument("--kv-memory", default=None, help="per-layer memory of the compressing policies, "
                         "a fraction of a full n_ctx cache (memory: a comma-separated list)")
+    parser.add_argument("--no-fill", action="store_true", help="kv_fill=False: each layer keeps exactly its "
+                        "allocation (unowned rows masked) instead of filling the shared pool")
     parser.add_argument("--mention-key", action="store_true", help="chat: every filler turn asks whether the "
                         "model still remembers the number for the key (without the number)")
     parser.add_argument("--n-ctx", default=None, help="default 768 (passkey), 512 (chat); "
@@ -182,14 +180,14 @@ def main(argv=None) -> int:
         correct = 0
         for seed in range(args.seed0, args.seed0 + args.samples):
             t0 = time.time()
-            llm = _llama(policy, n_ctx, args.observe, args.kv_memory if policy else None)
+            llm = _llama(policy, n_ctx, args.observe, args.kv_memory if policy else None, not args.no_fill)
             row = passkey(llm, seed) if args.task == "passkey" else chat(llm, seed, n_ctx, args.mention_key)
             row["kv_bytes_allocated"] = kv_bytes_allocated(llm)
             llm.close()
             correct += row["correct"]
             row["seconds"] = round(time.time() - t0, 1)
             print(json.dumps({"task": args.task, "policy": name, "observe": args.observe, "kv_memory": args.kv_memory,
-                              **row}, default=str), flush=True)
+                              "fill": not args.no_fill, **row}, default=str), flush=True)
         summary[name] = f"{correct}/{args.samples}"
     print(json.dumps({"summary": summary, "task": args.task, "observe": args.observe, "n_ctx": n_ctx,
                       "kv_memory": args.kv_memory, "seconds": round(time.time() - start),

@@ -66,12 +66,13 @@ def test_quick_bench_writes_consistent_json(short_context_model, tmp_path, capsy
 
     (budget,) = row["budgets"]
     assert budget["kv_budget"] == 0.5
-    counts = budget["layer_counts"]
-    assert len(counts) == n_layer
+    counts, allocation = budget["layer_counts"], budget["layer_allocation"]
+    assert len(counts) == len(allocation) == n_layer
     # one global budget over the layers: half of every layer's tokens in all
-    assert abs(sum(counts) - n_layer * length // 2) <= n_layer
-    # slots are compacted to the front: the widest layer sets the cells in use
-    assert budget["cells_used"] == max(counts)
+    assert abs(sum(allocation) - n_layer * length // 2) <= n_layer
+    # slots are compacted to the front: the widest layer sets the cells in use, which every
+    # layer of the shared pool fills
+    assert budget["cells_used"] == max(allocation) and counts == [max(allocation)] * n_layer
     assert budget["kv_bytes"] == budget["cells_used"] * cell_bytes
     assert budget["logical_entries"] == n_head_kv * sum(counts)
     assert budget["kv_bytes_free_after_compression"] == (row["n_ctx"] - budget["cells_used"]) * cell_bytes

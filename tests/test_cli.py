@@ -105,7 +105,7 @@ def test_compressed_chat_goes_past_n_ctx_and_reports_it(tiny_model_path):
     assert [t["turn"] for t in turns] == [1, 2, 3, 4]
     last = turns[-1]
     assert last["logical_tokens"] > 256 >= last["cells_used"]
-    assert last["compressions"] >= 1 and len(last["layer_budgets"]) == 4
+    assert last["compressions"] >= 1 and len(last["layer_budgets"]) == len(last["layer_allocation"]) == 4
     # The full-cache figure is the allocated bytes per cell times the logical tokens.
     llm = Llama(model_path=str(tiny_model_path), n_ctx=256, verbose=False, flash_attn=True)
     per_cell = cli.kv_bytes_allocated(llm) // 256
@@ -145,11 +145,12 @@ def test_stats_prints_the_per_layer_table_of_kv_stats(tiny_model_path, capsys):
     assert cli._slash_command("/stats", session) is None
     printed = capsys.readouterr().err
     kv = session.llm.kv_stats()
-    rows = [line.split() for line in printed.splitlines() if re.fullmatch(r"\s*\d+\s+\d+\s+[0-9.]+", line)]
+    rows = [line.split() for line in printed.splitlines() if re.fullmatch(r"\s*\d+\s+\d+\s+[0-9.]+\s+\d+", line)]
     assert [int(r[0]) for r in rows] == list(range(4))
     assert [int(r[1]) for r in rows] == kv["layer_budgets"]
     widest = max(kv["layer_budgets"])
     assert [float(r[2]) for r in rows] == pytest.approx([k / widest for k in kv["layer_budgets"]], abs=1e-3)
+    assert [int(r[3]) for r in rows] == kv["layer_allocation"]
     stats = json.loads(printed[printed.index("{"):])
     assert {k: stats[k] for k in ("logical_tokens", "cells_used", "compressions")} == {
         k: kv[k] for k in ("logical_tokens", "cells_used", "compressions")
@@ -173,7 +174,7 @@ def test_budget_reloads_the_model_and_keeps_the_conversation(tiny_model_path, ca
     # ... and compresses with the new budget: 0.7 of the (uncompressed) cells, over all layers.
     cells = kv["cells_used"]
     record = session.llm.compress()
-    assert int(record.layer_counts.sum()) == int(4 * cells * 0.7)
+    assert int(record.layer_allocation.sum()) == int(4 * cells * 0.7)
     for bad, message in (("/budget 1.5", "must lie in (0, 1]"), ("/budget", "needs a fraction")):
         kept = session.llm
         cli._slash_command(bad, session)
@@ -238,7 +239,7 @@ def test_save_and_load_continue_the_compressed_session_exactly(tiny_model_path, 
 
 STATUS = re.compile(
     r"\[turn (\d+) \| tokens (\d+) \| cells (\d+)/(\d+)(?: \| (\d+) compressions, last [0-9.]+ s)?"
-    r" \| KV [0-9.]+ MiB \(full cache: [0-9.]+ MiB\)(?: \| layers \S+)? \| (done|max tokens|interrupted)\]"
+    r" \| KV [0-9.]+ MiB \(full cache: [0-9.]+ MiB\)(?: \| allocation \S+)? \| (done|max tokens|interrupted)\]"
 )
 
 

@@ -231,6 +231,37 @@ def test_layer_caps_bound_counts_and_redistribute_the_rest(obs, fraction, data):
         assert shared.cells_needed() <= single
 
 
+@settings(max_examples=60, deadline=None)
+@given(obs=observations, fraction=st.floats(0.05, 1.0), name=st.sampled_from(sorted(set(POLICIES) - {"random"})),
+       data=st.data())
+def test_fill_keeps_each_layers_next_best_tokens_up_to_the_widest_layer(obs, fraction, name, data):
+    """Reference: the unfilled selection's counts, then per head the protected cells and the
+    top-k of the policy's own scores in numpy (ties by position), k = min(widest, tokens, cap)."""
+    policy = _policy(name)
+    tokens = _tokens_per_layer(obs)
+    caps = np.array([data.draw(st.integers(1, int(t))) for t in tokens])
+    try:
+        plain = policy.select(obs, fraction, layer_caps=caps)
+    except ValueError:  # the caps cannot hold this budget: not what is tested here
+        return
+    filled = policy.select(obs, fraction, layer_caps=caps, fill=True)
+    _check_layout(obs, filled)
+    want = np.minimum(plain.counts.max(), np.minimum(tokens, caps))
+    np.testing.assert_array_equal(filled.counts, np.maximum(plain.counts, want))
+    assert filled.cells_needed() == plain.cells_needed()  # no more cells than the allocation takes
+    scores = policy.score(obs)
+    newest = obs.positions.max()
+    for layer in range(obs.positions.shape[0]):
+        for head in range(obs.positions.shape[1]):
+            held = np.flatnonzero(obs.positions[layer, head] >= 0)
+            pos = obs.positions[layer, head, held]
+            key = np.where(pos == newest, np.inf, scores[layer, head, held])
+            order = np.lexsort((held, pos, -key))  # best first; ties: lower position, then lower cell
+            expected = np.sort(pos[order[: filled.counts[layer]]])
+            got = filled.kept_positions[layer, head, : filled.counts[layer]]
+            np.testing.assert_array_equal(got, expected)
+
+
 def test_a_cap_below_a_floor_is_refused():
     obs = _observation(4, 3, 2, 30, compacted=False)
     with pytest.raises(ValueError, match="cap"):

@@ -479,3 +479,70 @@ def test_observer_accepts_a_llama_object(tiny_model_path):
         assert (o.scores[:, :, :30].sum(axis=-1) >= 1.0 - 1e-4).all()
     finally:
         llm.close()
+
+
+# --- the score memory ("reread" observation) -------------------------------------
+
+
+def _brute_spread(scores, positions, span):
+    """Per layer/head and held cell: the max score over held cells within `span` positions."""
+    out = np.zeros(scores.shape, np.float32)
+    for layer, head, cell in zip(*np.nonzero(positions >= 0)):
+        row = positions[layer, head]
+        near = (row >= 0) & (np.abs(row - row[cell]) <= span)
+        out[layer, head, cell] = scores[layer, head, near].max()
+    return out
+
+
+def _scattered(rng, n_layer=3, n_head=2, n_cells=40, n_positions=90):
+    """Random scores over a compacted-looking layout: each head its own positions in random cells."""
+    positions = np.full((n_layer, n_head, n_cells), -1, np.int32)
+    for layer in range(n_layer):
+        for head in range(n_head):
+            n = int(rng.integers(1, n_cells + 1))
+            positions[layer, head, rng.choice(n_cells, n, replace=False)] = rng.choice(n_positions, n, replace=False)
+    return stats._make_observation(rng.random(positions.shape, np.float32), positions, None)
+
+
+@pytest.mark.parametrize("span", [0, 1, 3, 8])
+def test_spread_is_the_max_over_held_neighbours_by_original_position(span):
+    rng = np.random.default_rng(span)
+    obs = _scattered(rng)
+    got = stats.spread_by_position(obs.scores, obs.positions, span)
+    np.testing.assert_array_equal(got, _brute_spread(obs.scores, obs.positions, span))
+
+
+def test_score_memory_keeps_each_entrys_best_score_while_it_stays_cached():
+    """Reference: a dict (layer, head, position) -> the max of the spread scores of every
+    observation that held the entry since it last appeared."""
+    rng = np.random.default_rng(7)
+    memory, best = stats.ScoreMemory(span=2), {}
+    for _ in range(6):
+        obs = _scattered(rng)
+        merged = memory.merge(obs)
+        spread = _brute_spread(obs.scores, obs.positions, 2)
+        now = {}
+        for layer, head, cell in zip(*np.nonzero(obs.positions >= 0)):
+            key = (layer, head, int(obs.positions[layer, head, cell]))
+            now[key] = max(best.get(key, -np.inf), spread[layer, head, cell])
+            assert merged.scores[layer, head, cell] == np.float32(now[key])
+        best = now  # entries not held by this observation are forgotten
+        assert len(memory) == len(best)
+        assert not merged.scores[obs.positions < 0].any()
+        np.testing.assert_array_equal(merged.positions, obs.positions)
+
+
+def test_score_memory_state_round_trips_and_rejects_malformed_states():
+    rng = np.random.default_rng(3)
+    memory = stats.ScoreMemory()
+    memory.merge(_scattered(rng))
+    copy = stats.ScoreMemory()
+    copy.restore(memory.state())
+    obs = _scattered(rng)
+    np.testing.assert_array_equal(copy.merge(obs).scores, memory.merge(obs).scores)
+    keys, scores = memory.state()
+    for bad in [(keys[::-1], scores), (keys, scores[:-1]), (keys.reshape(1, -1), scores.reshape(1, -1))]:
+        with pytest.raises(ValueError, match="ascending"):
+            stats.ScoreMemory().restore(bad)
+    with pytest.raises(ValueError, match="span"):
+        stats.ScoreMemory(span=-1)

@@ -70,6 +70,9 @@ def add_bench_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--window", type=int, default=32, help="observing queries in window mode (default 32)")
     p.add_argument("--decode-tokens", type=int, default=None, help="tokens decoded per measurement (default 32)")
     p.add_argument("--flash-attn", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--fill", action=argparse.BooleanOptionalAction, default=True,
+                   help="Llama(kv_fill=...): every layer fills the shared pool's cells (default), or --no-fill: "
+                   "each keeps its allocation and the CPU's flash attention skips the rest")
     p.add_argument("--quick", action="store_true",
                    help="smoke test: 512 tokens, budget 0.5, 1 repeat, 8 decode tokens (unless given)")
     p.add_argument("--out", type=Path, default=Path("results/bench.json"))
@@ -191,6 +194,7 @@ class _Instrumented:
             "total": total,
             "mode": record.observe,
             "layer_counts": [int(x) for x in selection.counts],
+            "layer_allocation": [int(x) for x in selection.allocation],
             "result": record.result,
         }
 
@@ -304,7 +308,7 @@ def _measure_length(model_path, requested: int, s: dict, args, n_ctx_train: int)
     llm = Llama(
         model_path=str(model_path), n_ctx=n_ctx, n_batch=512, n_ubatch=512, n_threads=args.threads,
         n_threads_batch=args.threads, flash_attn=args.flash_attn, seed=0, verbose=False,
-        kv_compress=args.policy, kv_budget=s["budgets"][0], kv_window=window,
+        kv_compress=args.policy, kv_budget=s["budgets"][0], kv_window=window, kv_fill=args.fill,
         # nothing protected: the policy alone chooses, as in the evaluation of one compression
         kv_protect_prefix=0, kv_protect_recent=1,
     )
@@ -346,6 +350,7 @@ def _measure_length(model_path, requested: int, s: dict, args, n_ctx_train: int)
                 acc["last"] = {
                     "cells_used": stats["cells_used"],
                     "layer_counts": parts["layer_counts"],
+                    "layer_allocation": parts["layer_allocation"],
                     "logical_entries": n_head_kv * int(owned.sum()),
                     "kv_bytes_free_after_compression": stats["kv_bytes_free"],
                     "physical_bytes_freed": parts["result"].physical_bytes_freed,
@@ -371,6 +376,7 @@ def _measure_length(model_path, requested: int, s: dict, args, n_ctx_train: int)
                 "kv_bytes": last["cells_used"] * cell_bytes,
                 "logical_entries": last["logical_entries"],
                 "layer_counts": last["layer_counts"],
+                "layer_allocation": last["layer_allocation"],
                 "kv_bytes_free_after_compression": last["kv_bytes_free_after_compression"],
                 "physical_bytes_freed": last["physical_bytes_freed"],
                 "window_mode": _compression_summary(acc, prefill_off),
@@ -472,6 +478,7 @@ def run(model_path, args: argparse.Namespace, s: dict) -> dict[str, Any]:
         "policy": args.policy,
         "threads": args.threads,
         "flash_attn": args.flash_attn,
+        "fill": args.fill,
         "window": args.window,
         "decode_tokens": s["decode_tokens"],
         "repeats": s["repeats"],

@@ -278,16 +278,12 @@ def _run_chat(ctx: _Context, setting: Setting, length: int) -> None:
         for scenario in scenarios:
             llm.reset()
             start = time.monotonic()
-            messages = [{"role": "system", "content": config.system}]
             error = None
             reply = ""
             try:
-                for turn in scenario.turns:
-                    messages.append({"role": "user", "content": turn})
-                    answer, _ = _complete(llm, messages, config.chat_reply_tokens)
-                    messages.append({"role": "assistant", "content": answer})
-                messages.append({"role": "user", "content": scenario.question})
-                reply, _ = _complete(llm, messages, 32)  # the key and 7 digits, one token each
+                # the question's 32 tokens: the key and 7 digits, one token each
+                reply = scenario.play(lambda messages, n: _complete(llm, messages, n)[0], config.system,
+                                      turn_tokens=config.chat_reply_tokens, question_tokens=32)
             except ValueError as exc:  # the conversation outgrew the method's context
                 error = str(exc)
             ctx.record(

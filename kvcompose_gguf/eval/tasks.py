@@ -459,6 +459,27 @@ class ChatScenario:
     answers: tuple[str, ...]
     metadata: dict = field(default_factory=dict, compare=False, hash=False)
 
+    def play(
+        self,
+        reply: Callable[[list[dict], int], str],
+        system: str,
+        *,
+        turn_tokens: int = 32,
+        question_tokens: int = 32,
+        after_turn: Callable[[int], None] | None = None,
+    ) -> str:
+        """Hold the conversation: each turn, then the question, answered by
+        `reply(messages, max_tokens)`; the answers join the history. `after_turn(i)` runs
+        after the answer to turn i. Returns the answer to the question."""
+        messages = [{"role": "system", "content": system}]
+        for i, turn in enumerate(self.turns):
+            messages.append({"role": "user", "content": turn})
+            messages.append({"role": "assistant", "content": reply(messages, turn_tokens)})
+            if after_turn is not None:
+                after_turn(i)
+        messages.append({"role": "user", "content": self.question})
+        return reply(messages, question_tokens)
+
 
 def chat_recall(
     seed: int,

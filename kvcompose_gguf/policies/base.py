@@ -143,6 +143,9 @@ class Selection:
     simulated: True when the layout cannot hold the selection (per-head counts
         differ within a layer: the unstructured variant). Such a selection is
         for evaluation by masking only; a compactor must refuse it.
+    allocation: int32 [n_layer], the slots the policy's budget split gave each
+        layer; below `counts` where `Policy.select(fill=True)` filled the layer
+        up to the widest one. Defaults to counts.
 
     Memory accounting (never conflated): `logical_entries_kept` counts kept
     (layer, head, token) K/V rows; `cells_needed` is the physical number of
@@ -155,6 +158,11 @@ class Selection:
     slot_positions: np.ndarray
     kept_positions: np.ndarray
     simulated: bool = False
+    allocation: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.allocation is None:
+            object.__setattr__(self, "allocation", np.asarray(self.counts).copy())
 
     @property
     def n_layer(self) -> int:
@@ -483,6 +491,7 @@ class Policy:
         *,
         protected: np.ndarray | None = None,
         layer_caps: np.ndarray | int | None = None,
+        fill: bool = False,
     ) -> Selection:
         """Turn an observation into a selection; see the module docstring for the conventions.
 
@@ -497,6 +506,11 @@ class Policy:
             layers, so the sequence still needs max_l n_l cells and frees
             cells - max_l n_l; a single C guarantees at least cells - C freed.
             ValueError when the caps cannot hold the budget or a floor.
+        fill: after the budget split, every layer keeps up to the widest layer's
+            count (within its tokens and cap): its next-best tokens. In a shared pool
+            of cells the widest layer holds those cells anyway, so the allocation decides
+            the cells freed and filling keeps more logical entries at no memory cost.
+            The cells needed (max_l n_l) are unchanged.
         """
         obs.validate()
         positions = obs.positions
@@ -516,8 +530,12 @@ class Policy:
         head_counts = self.allocate(
             scores, valid, budget, reserve=explicit.sum(axis=-1), floor=protected.sum(axis=-1), caps=caps
         )
+        allocation = head_counts.max(axis=1).astype(np.int32)
+        if fill:
+            head_counts = _filled(head_counts, valid, caps)
         cells, kept = select_cells(scores, positions, protected, head_counts)
-        return _selection(cells, kept, head_counts, simulated=bool((head_counts != head_counts[:, :1]).any()))
+        simulated = bool((head_counts != head_counts[:, :1]).any())
+        return _selection(cells, kept, head_counts, simulated=simulated, allocation=allocation)
 
     def allocate(
         self,
@@ -563,6 +581,14 @@ def _explicit_protection(protected: np.ndarray | None, shape: tuple[int, ...]) -
         raise ValueError(f"protected of shape {protected.shape} does not broadcast to {shape}") from None
 
 
+def _filled(head_counts: np.ndarray, valid: np.ndarray, caps: np.ndarray | None) -> np.ndarray:
+    """Every layer/head's count raised to the widest one, within its layer's tokens and cap."""
+    limit = valid.sum(axis=-1).min(axis=1, keepdims=True)  # the tokens every head of the layer holds
+    if caps is not None:
+        limit = np.minimum(limit, caps[:, None])
+    return np.maximum(head_counts, np.minimum(head_counts.max(), limit))
+
+
 def _parse_caps(layer_caps: np.ndarray | int | None, n_layer: int) -> np.ndarray | None:
     if layer_caps is None:
         return None
@@ -580,9 +606,12 @@ def _parse_caps(layer_caps: np.ndarray | int | None, n_layer: int) -> np.ndarray
     return caps.astype(np.int64)
 
 
-def _selection(cells: np.ndarray, kept: np.ndarray, head_counts: np.ndarray, *, simulated: bool) -> Selection:
+def _selection(
+    cells: np.ndarray, kept: np.ndarray, head_counts: np.ndarray, *, simulated: bool, allocation: np.ndarray
+) -> Selection:
     counts = head_counts.max(axis=1).astype(np.int32)
     slot_positions = kept.max(axis=(0, 1)).astype(np.int32)
     return Selection(
-        counts=counts, cells=cells, slot_positions=slot_positions, kept_positions=kept, simulated=simulated
+        counts=counts, cells=cells, slot_positions=slot_positions, kept_positions=kept, simulated=simulated,
+        allocation=allocation,
     )

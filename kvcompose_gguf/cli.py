@@ -594,6 +594,8 @@ def save_session(session: ChatSession, path: str) -> int:
 
     import numpy as np
 
+    from .stats import ScoreMemory
+
     llm = session.llm
     state = llm.save_state()
     n_tokens = int(state.n_tokens)
@@ -603,7 +605,7 @@ def save_session(session: ChatSession, path: str) -> int:
     scores = np.asarray(state.scores, dtype=np.float32)
     last_logits = scores[min(n_tokens, len(scores)) - 1] if n_tokens and len(scores) else np.zeros(0, np.float32)
     blob = bytes(state.llama_state)
-    memory_keys, memory_scores = getattr(state, "kv_score_memory", (np.zeros(0, np.int64), np.zeros(0, np.float32)))
+    memory_keys, memory_scores = getattr(state, "kv_score_memory", ScoreMemory.EMPTY_STATE)
     header = {
         "messages": session.messages,
         "turn": session.turn,

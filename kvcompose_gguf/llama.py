@@ -751,7 +751,7 @@ class Llama(llama_cpp.Llama):
         if not hasattr(state, "kv_compressed_upto"):
             raise ValueError("this state was saved by a Llama without kv_compress; load it into one")
         memory = ScoreMemory(self._kv.memory.span)  # checked before anything changes
-        memory.restore(getattr(state, "kv_score_memory", (np.zeros(0, np.int64), np.zeros(0, np.float32))))
+        memory.restore(getattr(state, "kv_score_memory", ScoreMemory.EMPTY_STATE))
         kv_state.load_seq(self._kv.compactor, bytes(state.llama_state), SEQ_ID)
         self.scores[: len(state.scores), :] = state.scores
         self.input_ids[:] = 0

@@ -255,15 +255,17 @@ class ScoreMemory:
         if isinstance(span, bool) or not isinstance(span, int) or span < 0:
             raise ValueError(f"span must be an int >= 0, got {span!r}")
         self.span = span
-        self._keys = np.zeros(0, dtype=np.int64)  # (layer * n_head_kv + head) << 32 | position, ascending
-        self._scores = np.zeros(0, dtype=np.float32)
+        # keys: (layer * n_head_kv + head) << 32 | position, ascending
+        self._keys, self._scores = self.EMPTY_STATE
+
+    # (keys, scores) of a memory that holds nothing: forget(), and states saved without one
+    EMPTY_STATE = (np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32))
 
     def __len__(self) -> int:
         return int(self._keys.size)
 
     def forget(self) -> None:
-        self._keys = np.zeros(0, dtype=np.int64)
-        self._scores = np.zeros(0, dtype=np.float32)
+        self._keys, self._scores = self.EMPTY_STATE
 
     def state(self) -> tuple[np.ndarray, np.ndarray]:
         """(keys, scores) copies, for saving beside a cache state."""

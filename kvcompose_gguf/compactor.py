@@ -60,9 +60,11 @@ class CompactionResult:
 class MoveForms:
     """How one compaction moved its K / V tensors (native/kvcompose-compact.cpp, `move_rows`).
 
-    in_place: tensors gathered straight into the cache from staged copies of their source
-        cells (the fast form, chosen for caches in the CPU backend's own memory);
-    chunks: the staged copies those took;
+    in_place: tensors gathered straight into the cache in chunks of slots (the fast form,
+        chosen for caches in the CPU backend's own memory);
+    chunks: the chunks those took;
+    direct_chunks: how many of those gathered from the cache itself rather than from a
+        staged copy of their source cells;
     through_temporary: tensors gathered into a temporary, then written with set_rows
         (device memory, or destinations that are not consecutive cells);
     staged: how many of those gathered from a staged copy;
@@ -72,13 +74,14 @@ class MoveForms:
 
     in_place: int
     chunks: int
+    direct_chunks: int
     through_temporary: int
     staged: int
     transposed_v: int
 
 
 _MOVE_FORMS = re.compile(
-    r"(\d+) tensors gathered in place from staged copies \((\d+) chunks\), (\d+) through a temporary "
+    r"(\d+) tensors gathered in place \((\d+) chunks, (\d+) of them direct\), (\d+) through a temporary "
     r"\((\d+) staged\), (\d+) transposed V"
 )
 
@@ -205,13 +208,20 @@ class Compactor:
     def seq_cells(self, seq_id: int = 0) -> SeqCells:
         n, kv_used, used = ctypes.c_int32(0), ctypes.c_int32(0), ctypes.c_int32(0)
         outs = (ctypes.byref(n), ctypes.byref(kv_used), ctypes.byref(used))
-        status = self._lib.llama_kvcompose_seq_cells(self._ctx, seq_id, 0, None, None, *outs)
-        native.check("llama_kvcompose_seq_cells", status, f"seq_id={seq_id}")
-        cells = np.empty(n.value, dtype=np.int32)
-        positions = np.empty(n.value, dtype=np.int32)
-        status = self._lib.llama_kvcompose_seq_cells(self._ctx, seq_id, n.value, _i32(cells), _i32(positions), *outs)
+        cells = np.empty(self._seq_counts(seq_id)[0], dtype=np.int32)
+        positions = np.empty_like(cells)
+        status = self._lib.llama_kvcompose_seq_cells(self._ctx, seq_id, len(cells), _i32(cells), _i32(positions), *outs)
         native.check("llama_kvcompose_seq_cells", status, f"seq_id={seq_id}")
         return SeqCells(cells, positions, int(kv_used.value), int(used.value))
+
+    def _seq_counts(self, seq_id: int) -> tuple[int, int, int]:
+        """(cells of the sequence, last used cell of the stream + 1, used cells of the stream)."""
+        n, kv_used, used = ctypes.c_int32(0), ctypes.c_int32(0), ctypes.c_int32(0)
+        status = self._lib.llama_kvcompose_seq_cells(
+            self._ctx, seq_id, 0, None, None, ctypes.byref(n), ctypes.byref(kv_used), ctypes.byref(used)
+        )
+        native.check("llama_kvcompose_seq_cells", status, f"seq_id={seq_id}")
+        return int(n.value), int(kv_used.value), int(used.value)
 
     def cell_bytes(self) -> int:
         """K and V bytes of one cell over the compacted layers (`layers`)."""
@@ -222,7 +232,7 @@ class Compactor:
     def layer_counts(self, seq_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """(counts int32 [n_layer] or -1 where a layer sees every cell (0 for a layer outside
         `layers`), slot of each of the sequence's cells in ascending cell order or -1)."""
-        n_cells = len(self.seq_cells(seq_id).cells)
+        n_cells = self._seq_counts(seq_id)[0]
         counts = np.empty(self.n_layer, dtype=np.int32)
         slot_of_cell = np.empty(n_cells, dtype=np.int32)
         status = self._lib.llama_kvcompose_seq_layer_counts(
@@ -329,7 +339,7 @@ class Compactor:
             # a slot cell takes a row only in the layers whose capacity reaches it
             bytes_freed = self.layout.cells_bytes(before.cells) - self.layout.cells_bytes(slot_cells)
         else:
-            bytes_freed = (before.n_stream_used - self.seq_cells(seq_id).n_stream_used) * self.cell_bytes()
+            bytes_freed = (before.n_stream_used - self._seq_counts(seq_id)[2]) * self.cell_bytes()
         tokens = np.full(cells.shape, -1, dtype=np.int32)
         if cell_tokens is not None:
             owned = cells >= 0

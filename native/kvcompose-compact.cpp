@@ -182,30 +182,38 @@ int32_t validate(const llama_kv_cache & kv, llama_seq_id seq_id, const llama_pos
         return LLAMA_KVCOMPOSE_ERR_RANGE;
     }
 
+    // per cell, looked up once: not the sequence's, the sequence's, or the sequence's under a
+    // per-layer budget (then only some layers own it); the selection has a lookup per entry
+    enum : uint8_t { OTHER, HELD, HELD_BUDGETED };
+    std::vector<uint8_t> held(size, OTHER);
+    for (uint32_t c = 0; c < size; ++c) {
+        if (!cells.is_empty(c) && cells.seq_has(c, seq_id)) {
+            held[c] = cells.layers_get(c).budget < 0 ? HELD : HELD_BUDGETED;
+        }
+    }
     // the stream's seen-marks, one per cell, reused for every (layer, head) list
-    std::vector<int64_t> seen(size, -1);
+    std::vector<int32_t> seen(size, -1);
     for (int32_t il = 0; il < plan.n_layer; ++il) {
         for (int32_t h = 0; h < plan.n_head_kv; ++h) {
-            const int64_t list = (int64_t) il*plan.n_head_kv + h;
-            const int32_t * row = plan.cells + list*plan.n_slots;
-            for (int32_t j = 0; j < plan.n_slots; ++j) {
+            const int32_t list = il*plan.n_head_kv + h;
+            const int32_t * row = plan.cells + (int64_t) list*plan.n_slots;
+            for (int32_t j = 0; j < plan.counts[il]; ++j) {
                 const int32_t c = row[j];
-                if (j >= plan.counts[il]) {
-                    if (c != -1) {
-                        return LLAMA_KVCOMPOSE_ERR_RANGE;
-                    }
-                    continue;
-                }
                 if (c < 0 || (uint32_t) c >= size) {
                     return LLAMA_KVCOMPOSE_ERR_RANGE;
                 }
-                if (cells.is_empty(c) || !cells.seq_has(c, seq_id) || !layer_owns(kv, cells, c, il)) {
+                if (held[c] == OTHER || (held[c] == HELD_BUDGETED && !layer_owns(kv, cells, c, il))) {
                     return LLAMA_KVCOMPOSE_ERR_SEQUENCE;
                 }
                 if (seen[c] == list) {
                     return LLAMA_KVCOMPOSE_ERR_DUPLICATE;
                 }
                 seen[c] = list;
+            }
+            for (int32_t j = plan.counts[il]; j < plan.n_slots; ++j) {
+                if (row[j] != -1) {
+                    return LLAMA_KVCOMPOSE_ERR_RANGE;
+                }
             }
         }
     }
@@ -227,7 +235,7 @@ int32_t validate(const llama_kv_cache & kv, llama_seq_id seq_id, const llama_pos
     // layout, slot j's own cell n_recent + j, which a layer holds only while j < its capacity.
     const uint32_t n_recent = access::n_recent(kv);
     for (uint32_t c = 0; c < size; ++c) {
-        const bool own = !cells.is_empty(c) && cells.seq_has(c, seq_id);
+        const bool own = held[c] != OTHER;
         if (own) {
             plan.seq_cells.push_back(c);
         }
@@ -289,6 +297,7 @@ struct layer_moves {
         int64_t j_begin, j_end; // slots
         int64_t lo, hi;         // source cells
         int64_t first, n;       // indices in span_src
+        bool    direct;         // gathered from the cache itself, not from a staged copy
     };
     int64_t j0 = 0;
     bool    span_whole = false;
@@ -351,56 +360,132 @@ void plan_split(const compaction_plan & plan, int32_t il, layer_moves & m) {
     for (auto & s : m.sub_src) { s -= (int32_t) m.lo*H; }
 }
 
-// The slots from j0 on, in chunks of consecutive slots, with the cells each chunk's sources
-// span. Chunks let a staged copy stay in the CPU's caches between its copy and its gather.
-// They are only safe when no chunk reads a cell an earlier chunk has written: with
-// consecutive destinations, when every chunk's sources lie at or after its first destination
-// cell (true when each head's cells ascend with the slots, as policies lay them out). Else
-// one chunk. One pass over the selection: planning is part of every compaction's time.
-void plan_span(const compaction_plan & plan, int32_t il, int64_t n_chunks, layer_moves & m) {
-    const int32_t H = plan.n_head_kv;
-    const int64_t n = plan.counts[il] - m.j0;
-    n_chunks = m.dst_first >= 0 ? std::max<int64_t>(1, std::min(n_chunks, n)) : 1;
+// The cells [lo, hi) that the sources of the slots [a, b) span, from each slot's bounds.
+struct cell_span {
+    int64_t lo, hi;
 
-    std::vector<int32_t> cells((size_t) (n*H)); // slot-major
+    // at least three cells per slot: only then did a direct gather beat staging (measured in
+    // docs/compaction.md, "The move")
+    bool sparse(int64_t n_slots) const { return hi - lo >= 3*n_slots; }
+};
+
+cell_span span_of(const std::vector<int32_t> & slot_lo, const std::vector<int32_t> & slot_hi, int64_t a, int64_t b) {
+    return { *std::min_element(slot_lo.begin() + a, slot_lo.begin() + b), *std::max_element(slot_hi.begin() + a, slot_hi.begin() + b) };
+}
+
+// The slots from j0 on, in chunks of consecutive slots run in graph order, with the cells each
+// chunk's sources span. A chunk gathers either from a staged copy of those cells, or, when no
+// source of the chunk lies in the cells the chunk writes, straight from the cache ("direct").
+//
+// Why both: on a CPU a gather from memory the caches do not hold is latency-bound (about
+// 45 ns per 128-byte slice in ggml's get_rows), while staging copies every cell the sources
+// span (a sequential read, then a gather from the copy while the caches hold it). When few
+// cells are kept the sources are sparse and staging reads several cells per slice moved, so
+// gathering directly is cheaper; it needs no copy and no staging memory.
+//
+// A direct chunk [a, b) is safe whatever order or threads ggml gathers its rows in: every
+// source slice of it is either already its own destination (a self-copy) or lies at or after
+// the chunk's last destination cell, which no row of this chunk writes, and earlier chunks
+// only wrote cells before the chunk's first destination. Direct chunks are planned from the
+// last slot backwards, each as long as the rule allows: when each head's cells ascend with
+// the slots (as policies lay them out) the sources of the late slots lie far behind their
+// destinations, so the chunks grow geometrically towards the end (a quarter kept: about 4x per
+// chunk). The slots before them are staged, in chunks of about 512 KiB of K rows, so that a
+// staged copy stays in the CPU's caches between its copy and its gather. Staged chunks are
+// only safe when none reads a cell an earlier chunk wrote: with consecutive destinations,
+// when every chunk's sources lie at or after its first destination cell. Else the whole span
+// is one staged chunk. Two passes over the layer's selection, the rest on per-slot bounds:
+// planning is part of every compaction's time.
+void plan_span(const compaction_plan & plan, int32_t il, int64_t row_bytes, int64_t chunks_max, layer_moves & m) {
+    const int32_t H  = plan.n_head_kv;
+    const int64_t j1 = plan.counts[il];
+    const int64_t n  = j1 - m.j0;
+    const bool consecutive = m.dst_first >= 0;
+    auto dst = [&](int64_t j) { return m.dst_first + (j - m.j0); }; // with consecutive destinations
+
+    // slot-major source cells, each slot's bounds over its heads, and min_from[j - j0]: the
+    // lowest source from slot j on that is not already its slot's destination (a direct chunk
+    // [a, b) needs min_from[a - j0] >= dst(b); meaningless, and unused, without consecutive
+    // destinations); one pass, from the last slot backwards
+    std::vector<int32_t> cells((size_t) (n*H)), slot_lo((size_t) n), slot_hi((size_t) n);
+    std::vector<int64_t> min_from((size_t) n + 1, INT64_MAX);
     m.span_whole = true;
-    bool chunks_safe = true;
-    for (int64_t k = 0; k < n_chunks; ++k) {
-        layer_moves::chunk c = { m.j0 + n*k/n_chunks, m.j0 + n*(k + 1)/n_chunks, INT64_MAX, 0, 0, 0 };
-        for (int64_t j = c.j_begin; j < c.j_end; ++j) {
-            int32_t * slot = cells.data() + (j - m.j0)*H;
-            for (int32_t h = 0; h < H; ++h) {
-                slot[h] = slot_cell(plan, il, h, (int32_t) j);
-                c.lo = std::min<int64_t>(c.lo, slot[h]);
-                c.hi = std::max<int64_t>(c.hi, slot[h] + 1);
-                m.span_whole = m.span_whole && slot[h] == slot[0];
-            }
+    for (int64_t j = j1 - 1; j >= m.j0; --j) {
+        const size_t i = (size_t) (j - m.j0);
+        int32_t * slot = cells.data() + i*H;
+        int32_t lo = INT32_MAX, hi = 0;
+        int64_t lowest_moving = min_from[i + 1];
+        for (int32_t h = 0; h < H; ++h) {
+            const int32_t c = slot_cell(plan, il, h, (int32_t) j);
+            slot[h] = c;
+            lo = std::min(lo, c);
+            hi = std::max(hi, c + 1);
+            lowest_moving = c != dst(j) ? std::min<int64_t>(lowest_moving, c) : lowest_moving;
+            m.span_whole = m.span_whole && c == slot[0];
         }
-        chunks_safe = chunks_safe && (k == 0 || c.lo >= m.dst_first + (c.j_begin - m.j0));
-        m.chunks.push_back(c);
+        slot_lo[i] = lo;
+        slot_hi[i] = hi;
+        min_from[i] = lowest_moving;
+    }
+
+    // direct chunks, last first (a chunk of a few slots is not worth its graph nodes)
+    const int64_t min_direct = 16;
+    std::vector<layer_moves::chunk> direct;
+    int64_t b = j1;
+    const bool may_direct = consecutive && chunks_max > 1 && span_of(slot_lo, slot_hi, 0, n).sparse(n);
+    while (may_direct && (int64_t) direct.size() + 1 < chunks_max && b > m.j0) {
+        // the first slot a with min_from[a - j0] >= dst(b); min_from does not decrease with the slot
+        const auto it = std::lower_bound(min_from.begin(), min_from.begin() + (b - m.j0), dst(b));
+        const int64_t a = m.j0 + (it - min_from.begin());
+        if (b - a < min_direct || !span_of(slot_lo, slot_hi, a - m.j0, b - m.j0).sparse(b - a)) {
+            break;
+        }
+        direct.push_back({ a, b, 0, 0, 0, 0, true });
+        b = a;
+    }
+
+    // staged chunks of about 512 KiB of K rows over the slots [j0, b) the direct ones left
+    if (b > m.j0) {
+        const cell_span head = span_of(slot_lo, slot_hi, 0, b - m.j0);
+        const int64_t k_staged = std::clamp<int64_t>(1 + (head.hi - head.lo)*row_bytes/(512*1024), 1,
+                std::min<int64_t>(chunks_max - (int64_t) direct.size(), b - m.j0));
+        for (int64_t k = 0; k < k_staged; ++k) {
+            m.chunks.push_back({ m.j0 + (b - m.j0)*k/k_staged, m.j0 + (b - m.j0)*(k + 1)/k_staged, 0, 0, 0, 0, false });
+        }
+    }
+    m.chunks.insert(m.chunks.end(), direct.rbegin(), direct.rend());
+
+    bool chunks_safe = true;
+    for (auto & c : m.chunks) {
+        const cell_span span = span_of(slot_lo, slot_hi, c.j_begin - m.j0, c.j_end - m.j0);
+        c.lo = span.lo;
+        c.hi = span.hi;
+        chunks_safe = chunks_safe && (c.direct || c.j_begin == m.j0 || (consecutive && c.lo >= dst(c.j_begin)));
     }
     if (!chunks_safe) {
-        layer_moves::chunk one = { m.j0, plan.counts[il], INT64_MAX, 0, 0, 0 };
-        for (const auto & c : m.chunks) {
-            one.lo = std::min(one.lo, c.lo);
-            one.hi = std::max(one.hi, c.hi);
-        }
-        m.chunks = { one };
+        const cell_span all = span_of(slot_lo, slot_hi, 0, n);
+        m.chunks = { { m.j0, j1, all.lo, all.hi, 0, 0, false } };
     }
 
     // gather indices relative to each chunk's first cell: whole rows, or (cell, head) slices
     const int32_t per_slot = m.span_whole ? 1 : H;
-    m.span_src.reserve((size_t) (n*per_slot));
+    m.span_src.resize((size_t) (n*per_slot));
     for (auto & c : m.chunks) {
-        c.first = (int64_t) m.span_src.size();
-        for (int64_t j = c.j_begin; j < c.j_end; ++j) {
-            const int32_t * slot = cells.data() + (j - m.j0)*H;
-            for (int32_t h = 0; h < per_slot; ++h) {
-                const int32_t cell = (int32_t) (slot[h] - c.lo);
-                m.span_src.push_back(m.span_whole ? cell : cell*H + h);
+        c.first = (c.j_begin - m.j0)*per_slot;
+        c.n     = (c.j_end - c.j_begin)*per_slot;
+        int32_t * out = m.span_src.data() + c.first;
+        if (m.span_whole) {
+            for (int64_t j = c.j_begin; j < c.j_end; ++j) {
+                out[j - c.j_begin] = (int32_t) (cells[(size_t) ((j - m.j0)*H)] - c.lo);
+            }
+        } else {
+            const int32_t * src = cells.data() + (c.j_begin - m.j0)*H;
+            for (int64_t i = 0; i < c.n; i += H) {
+                for (int32_t h = 0; h < H; ++h) {
+                    out[i + h] = (int32_t) ((src[i + h] - c.lo)*H + h);
+                }
             }
         }
-        c.n = (int64_t) m.span_src.size() - c.first;
     }
 }
 
@@ -485,16 +570,16 @@ void build_move_split(ggml_context * ctx, ggml_cgraph * gf, const row_units & u,
     }
 }
 
-// K or plain V of one layer when the slots from j0 on are consecutive cells and the sources
-// are staged: each gather reads only its staged copy, so its output can be the destination
-// rows themselves (one pass, no temporary, no set_rows). ggml_get_rows always makes a new
-// tensor; it is placed over the cache bytes the way view_as_words places the alias. The
-// chunks run in graph order (the CPU backend computes nodes one after the other), each copy
-// before the writes of the chunks after it.
+// K or plain V of one layer when the slots from j0 on are consecutive cells: no gather reads
+// a row it writes (its staged copy, or for a direct chunk cells past its destinations), so its
+// output can be the destination rows themselves (one pass, no temporary, no set_rows).
+// ggml_get_rows always makes a new tensor; it is placed over the cache bytes the way
+// view_as_words places the alias. The chunks run in graph order (the CPU backend computes
+// nodes one after the other), each copy before the writes of the chunks after it.
 void build_move_span(ggml_context * ctx, ggml_cgraph * gf, ggml_tensor * cache, const row_units & u, int64_t n_head_kv,
         const layer_moves & m, ggml_tensor * span_src) {
     for (const auto & c : m.chunks) {
-        ggml_tensor * src = source_rows(ctx, u.rows, c.lo, c.hi, true);
+        ggml_tensor * src = source_rows(ctx, u.rows, c.lo, c.hi, !c.direct);
         ggml_tensor * idx = ggml_view_1d(ctx, span_src, c.n, c.first*sizeof(int32_t));
         ggml_tensor * out = ggml_get_rows(ctx, m.span_whole ? src : view_slices(ctx, src, u.per_head, n_head_kv), idx);
         place_over(out, cache, (m.dst_first + c.j_begin - m.j0)*cache->nb[1]);
@@ -552,9 +637,9 @@ int64_t consecutive_from(const std::vector<uint32_t> & dst, int64_t j0, int64_t 
     return dst[j0];
 }
 
-// the span form with its gather written straight into the cache: only for staged sources
-// (the gather must not read the rows it writes), consecutive destination cells, and rows
-// moved as F32 words (ggml_get_rows returns F32)
+// the span form with its gather written straight into the cache: only in the CPU backend's
+// memory (chunks must run in graph order), for consecutive destination cells, and rows moved
+// as F32 words (ggml_get_rows returns F32)
 bool gathers_in_place(const ggml_tensor * cache, int64_t head_dim, int64_t dst_first) {
     return dst_first >= 0 && stage_sources(cache) && ggml_row_size(cache->type, head_dim) % sizeof(float) == 0;
 }
@@ -582,10 +667,8 @@ layer_moves plan_layer(const llama_kv_cache & kv, const compaction_plan & plan, 
     m.k_span = gathers_in_place(layer.k_stream[plan.strm], hp.n_embd_head_k(il), m.dst_first);
     m.v_span = access::v_trans(kv) || gathers_in_place(layer.v_stream[plan.strm], hp.n_embd_head_v(il), m.dst_first);
     if (m.k_span || m.v_span) {
-        // a transposed V gathers from one transposed span; else chunks of ~512 KiB of K rows
-        const int64_t span_bytes = (int64_t) layer.k_stream[plan.strm]->nb[1]*(int64_t) access::cells(kv, plan.strm).used_max_p1();
-        const int64_t n_chunks = access::v_trans(kv) ? 1 : std::min<int64_t>(chunks_max, 1 + span_bytes/(512*1024));
-        plan_span(plan, il, n_chunks, m);
+        // a transposed V gathers from one transposed span
+        plan_span(plan, il, (int64_t) layer.k_stream[plan.strm]->nb[1], access::v_trans(kv) ? 1 : chunks_max, m);
     }
     if (!m.k_span || !m.v_span) {
         plan_split(plan, il, m);
@@ -667,12 +750,13 @@ void set_move_inputs(const compaction_plan & plan, const std::vector<layer_moves
 // Which form each moved K / V tensor takes. Both forms give the same bytes, so only this line
 // (read by the tests and the benchmark) shows when a backend stops getting the fast one.
 struct move_forms {
-    int32_t span = 0, chunks = 0, split = 0, staged = 0, columns = 0;
+    int32_t span = 0, chunks = 0, direct = 0, split = 0, staged = 0, columns = 0;
 
     void count(const layer_moves & m, bool span_form, const ggml_tensor * cache) {
         if (span_form) {
             span   += 1;
             chunks += (int32_t) m.chunks.size();
+            direct += (int32_t) std::count_if(m.chunks.begin(), m.chunks.end(), [](const auto & c) { return c.direct; });
         } else if (!m.empty()) {
             split  += 1;
             staged += stage_sources(cache) ? 1 : 0;
@@ -695,8 +779,8 @@ void log_move_forms(const llama_kv_cache & kv, const compaction_plan & plan, con
             f.count(m, m.v_span, layer.v_stream[plan.strm]);
         }
     }
-    LLAMA_LOG_DEBUG("%s: %d tensors gathered in place from staged copies (%d chunks), %d through a temporary (%d staged), "
-            "%d transposed V\n", __func__, f.span, f.chunks, f.split, f.staged, f.columns);
+    LLAMA_LOG_DEBUG("%s: %d tensors gathered in place (%d chunks, %d of them direct), %d through a temporary (%d staged), "
+            "%d transposed V\n", __func__, f.span, f.chunks, f.direct, f.split, f.staged, f.columns);
 }
 
 // The move runs through the context's scheduler, as llama.cpp's K-shift does. Resetting the
@@ -772,10 +856,29 @@ bool budgets_uniform(const llama_kv_cache & kv, const int32_t * counts, int32_t 
     return true;
 }
 
+// whether the sequence holds every used cell of its stream, and none of them with another sequence
+bool holds_stream_alone(const llama_kv_cells & cells, const std::vector<uint32_t> & seq_cells) {
+    if (cells.get_used() != seq_cells.size()) {
+        return false;
+    }
+    for (uint32_t c : seq_cells) {
+        if (cells.seq_count(c) != 1) {
+            return false;
+        }
+    }
+    return true;
+}
+
 void rewrite_cells(llama_kv_cache & kv, llama_seq_id seq_id, const compaction_plan & plan, const llama_pos * slot_positions) {
     auto & cells = access::cells(kv, plan.strm);
-    for (uint32_t c : plan.seq_cells) {
-        cells.seq_rm(c, seq_id);
+    if (holds_stream_alone(cells, plan.seq_cells)) {
+        // the same result (no K-shift is pending, see llama_kvcompose_compact_seq); cell by
+        // cell, every removal updates the used set and the sequence's position map
+        cells.reset();
+    } else {
+        for (uint32_t c : plan.seq_cells) {
+            cells.seq_rm(c, seq_id);
+        }
     }
     const int32_t budget = budgets_uniform(kv, plan.counts, plan.n_layer) ? -1 : new_budget(kv, plan.counts, plan.n_layer);
     for (int32_t j = 0; j < plan.n_slots; ++j) {

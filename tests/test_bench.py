@@ -132,5 +132,6 @@ def test_compaction_bench_reports_consistent_runs_and_the_in_place_form(tiny_mod
     assert run["bytes_moved"] == 512 * _f16_cell_bytes(config)
     compact, copy = run["compact_ms"], run["copy_ms"]  # rounded to 0.001 ms, the ratio to 0.01
     assert (compact - 5e-4) / (copy + 5e-4) - 0.005 <= run["ratio"] <= (compact + 5e-4) / (copy - 5e-4) + 0.005
-    assert run["move_forms"] == {"in_place": 2 * config.n_layer, "chunks": 2 * config.n_layer, "through_temporary": 0,
-                                 "staged": 0, "transposed_v": 0}
+    # half kept: the sources are too dense for a direct gather to beat staging
+    assert run["move_forms"] == {"in_place": 2 * config.n_layer, "chunks": 2 * config.n_layer, "direct_chunks": 0,
+                                 "through_temporary": 0, "staged": 0, "transposed_v": 0}

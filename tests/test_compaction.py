@@ -651,9 +651,10 @@ def _filled_with_noise(s, n_cells: int, rng) -> bytes:
 @pytest.mark.parametrize("flash_attn,type_k,type_v", [(True, F16, F16), (True, Q4_0, Q8_0), (False, F16, F16)])
 @pytest.mark.parametrize("layout", ["ascending", "shuffled", "agreeing-with-prefix"])
 def test_large_cache_moves_in_chunks_byte_exactly(sessions, tiny_model_path, flash_attn, type_k, type_v, layout):
-    """4096 cells of 256-byte K rows: the staged move splits into chunks when every head's cells
-    ascend with the slots, falls back to one span when they do not (shuffled slot order), and
-    moves whole rows after an in-place prefix when the heads agree."""
+    """4096 cells of 256-byte K rows: the in-place move splits into chunks when every head's
+    cells ascend with the slots (gathering the late slots of sparsely kept layers straight from
+    the cache), stages one span when they do not (shuffled slot order), and moves whole rows
+    after an in-place prefix when the heads agree."""
     rng = np.random.default_rng(23)
     s = sessions(tiny_model_path, flash_attn=flash_attn, type_k=type_k, type_v=type_v, n_ctx=4096, n_ubatch=64)
     before = _filled_with_noise(s, 4096, rng)
@@ -686,15 +687,57 @@ def test_large_cache_moves_in_chunks_byte_exactly(sessions, tiny_model_path, fla
     else:
         assert (f.in_place, f.through_temporary, f.transposed_v) == (n_row_tensors, 0, transposed_v)
         if layout == "shuffled":
-            assert f.chunks == f.in_place  # a chunk could read a cell an earlier one wrote: one span
-        elif flash_attn and type_k == F16:
+            # a staged chunk could read a cell an earlier one wrote: one staged span per tensor
+            # (a direct chunk is still possible where the last slots' sources all lie behind them)
+            assert f.chunks - f.direct_chunks == f.in_place
+        elif flash_attn:
             # 1 MiB of K rows: more than one ~512 KiB chunk (a transposed V takes one span for both)
             assert f.chunks > f.in_place
+            # layers 1 and 3 keep under a third of the cells: their late slots gather straight
+            # from the cache; layers 0 and 2 (37 %) only from staged copies
+            assert f.direct_chunks >= 4
+        else:
+            assert f.direct_chunks == 0
     np.testing.assert_array_equal(result.slot_cells, np.arange(1500))
     expected, known = expected_blob(before, sel, seq.cells, result.slot_cells, c.n_head_kv)
     got = state_blob.parse_seq_state(s.blob()).only_stream()
     want = expected.only_stream()
     assert_known_rows_equal(got, want, known)
+
+
+@pytest.mark.parametrize("flash_attn,type_k,type_v", [(True, F16, F16), (True, Q4_0, Q8_0)])
+@pytest.mark.parametrize("last_source_behind", [False, True])
+def test_direct_gathers_next_to_rows_already_in_place_are_byte_exact(sessions, tiny_model_path, flash_attn, type_k, type_v,
+                                                                    last_source_behind):
+    """The edge cases of gathering straight from the cache: head 0 keeps the first cells, so
+    its rows are already their own destinations inside chunks that other heads fill from far
+    behind; head 1 keeps every fourth cell, so a chunk of slots [a, b) reads cell b itself,
+    the first cell it does not write (b = 512 reads 512..2044, b = 128 reads 128..508).
+    last_source_behind: head 1's last slot reads cell 510, which slot 510 overwrites first
+    (only a staged copy still holds it)."""
+    rng = np.random.default_rng(31)
+    n_cells, n_keep = 2048, 512
+    s = sessions(tiny_model_path, flash_attn=flash_attn, type_k=type_k, type_v=type_v, n_ctx=n_cells, n_ubatch=64)
+    before = _filled_with_noise(s, n_cells, rng)
+    c = Compactor(s.ctx)
+    seq = c.seq_cells(0)
+    counts = np.full(c.n_layer, n_keep, dtype=np.int32)
+    sel = random_selection(rng, seq.cells, seq.positions, c.n_layer, c.n_head_kv, counts)
+    sel.cells[:, 0] = np.arange(n_keep - 1).tolist() + [n_cells - 1]
+    sel.cells[:, 1] = np.arange(0, n_cells, 4)
+    if last_source_behind:
+        sel.cells[:, 1, -1] = 510
+    sel.kept_positions[:] = sel.cells
+    sel.slot_positions = sel.kept_positions.max(axis=(0, 1)).astype(np.int32)
+
+    with recorded_move_forms() as forms:
+        result = c.apply(sel)
+
+    (f,) = forms
+    if not kv_in_device_memory() and not last_source_behind:
+        assert f.direct_chunks > 0
+    expected, known = expected_blob(before, sel, seq.cells, result.slot_cells, c.n_head_kv)
+    assert_known_rows_equal(state_blob.parse_seq_state(s.blob()).only_stream(), expected.only_stream(), known)
 
 
 def test_a_second_compaction_cannot_give_a_layer_rows_it_does_not_own(sessions, tiny_model_path):

@@ -18,8 +18,8 @@ compacted. Selection modes (`--selections`):
 
 Reported per run:
 
-- compact_ms: wall time of Compactor.apply (validation, graph, row moves, metadata and the
-  scheduler re-reserve llama.cpp needs after any graph of its own);
+- compact_ms: wall time of Compactor.apply (validation, planning, the graph and its row
+  moves, the cell metadata, the Python around them);
 - bytes_moved: K and V bytes of the kept rows (kept slots x row bytes, summed over layers),
   whether or not a row had to move;
 - copy_ms: a ggml_cpy of bytes_moved contiguous bytes on the same backend and thread count
@@ -27,12 +27,15 @@ Reported per run:
 - compact_cpu_ms, copy_cpu_ms, ratio_cpu: the same runs in CPU time of the calling thread
   (with --threads 1 ggml computes on it), which other jobs on a shared machine inflate less;
 - move_forms: how the K / V tensors moved (compactor.MoveForms): a cache in the CPU
-  backend's memory should show every moved tensor gathered in place from staged copies, one in
-  GPU memory every tensor moved through a temporary, unstaged.
+  backend's memory should show every moved tensor gathered in place, in chunks that read
+  staged copies or, where few cells are kept, the cache itself (direct_chunks); one in GPU
+  memory every tensor moved through a temporary, unstaged.
 
-Before every timed run a 256 MiB buffer is written, so both start from cold caches.
+Before every timed run a buffer of twice the largest CPU cache (at least 256 MiB) is written,
+so both start from cold caches.
 
-The minimum over repeats is kept, since on a shared machine noise only adds time. JSON goes
+Compaction and copy runs alternate, as many of each, and the minimum of each is kept, since
+on a shared machine noise only adds time. JSON goes
 to stdout and to results/compaction.json. The target is ratio <= 3 for f16 K/V with flash
 attention on; the other configurations are reported without a target.
 """
@@ -49,6 +52,7 @@ import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -62,18 +66,26 @@ CONFIGS = {
     "q4_0-fa": (True, Q4_0, Q4_0),
 }
 
-
-
-
 _SCRATCH: np.ndarray | None = None
 
 
+def _largest_cpu_cache() -> int:
+    """Bytes of the largest CPU cache Linux reports (0 where it reports none). Server parts
+    reach hundreds of MiB of L3: one seen here had 300 MiB."""
+    sizes = []
+    for path in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = path.read_text().strip()
+        units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+        sizes.append(int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text))
+    return max(sizes, default=0)
+
+
 def _evict_caches() -> None:
-    """Write a buffer larger than any CPU cache, so that neither the copy nor the compaction
-    reads rows that an earlier step left in cache."""
+    """Write a buffer of twice the largest CPU cache (at least 256 MiB), so that neither the
+    copy nor the compaction reads rows that an earlier step left in cache."""
     global _SCRATCH
     if _SCRATCH is None:
-        _SCRATCH = np.empty(256 << 20, dtype=np.uint8)
+        _SCRATCH = np.empty(max(256 << 20, 2 * _largest_cpu_cache()), dtype=np.uint8)
     _SCRATCH.fill(1)
 
 
@@ -84,12 +96,11 @@ class _Best:
         self.wall = self.cpu = float("inf")
 
     @contextlib.contextmanager
-    def timed(self, skip: bool = False):
+    def timed(self):
         t0, c0 = time.perf_counter(), time.thread_time()
         yield
-        if not skip:
-            self.wall = min(self.wall, (time.perf_counter() - t0) * 1e3)
-            self.cpu = min(self.cpu, (time.thread_time() - c0) * 1e3)
+        self.wall = min(self.wall, (time.perf_counter() - t0) * 1e3)
+        self.cpu = min(self.cpu, (time.thread_time() - c0) * 1e3)
 
 
 class _InitParams(ctypes.Structure):
@@ -128,7 +139,10 @@ class _GgmlCopy:
                             [("ggml_graph_compute_with_ctx", [_vp, _vp, ctypes.c_int], ctypes.c_int)])
         self.n_threads = n_threads
 
-    def time_ms(self, n_bytes: int, repeats: int) -> "_Best":
+    @contextlib.contextmanager
+    def prepared(self, n_bytes: int) -> Iterator[Callable[[], None]]:
+        """One copy of n_bytes to run again and again (its first run, which faults the pages in,
+        done already); the caller evicts the caches before each run."""
         n = (n_bytes + 1) // 2  # f16 elements
         size = 2 * (2 * n + 64) + 8 * self.base.ggml_tensor_overhead() + self.base.ggml_graph_overhead()
         ctx = self.base.ggml_init(_InitParams(size, None, False))
@@ -140,15 +154,25 @@ class _GgmlCopy:
             ctypes.memset(self.base.ggml_get_data(dst), 0, 2 * n)
             graph = self.base.ggml_new_graph(ctx)
             self.base.ggml_build_forward_expand(graph, self.base.ggml_cpy(ctx, src, dst))
-            best = _Best()
-            for i in range(repeats + 1):
-                _evict_caches()
-                with best.timed(skip=i == 0):  # the first run faults the pages in
-                    if self.cpu.ggml_graph_compute_with_ctx(ctx, graph, self.n_threads) != 0:
-                        raise RuntimeError("ggml_graph_compute failed")
-            return best
+
+            def run() -> None:
+                if self.cpu.ggml_graph_compute_with_ctx(ctx, graph, self.n_threads) != 0:
+                    raise RuntimeError("ggml_graph_compute failed")
+
+            run()
+            yield run
         finally:
             self.base.ggml_free(ctx)
+
+    def time_ms(self, n_bytes: int, repeats: int) -> _Best:
+        """The minimum over repeats of the copy, each from cold caches."""
+        best = _Best()
+        with self.prepared(n_bytes) as run:
+            for _ in range(repeats):
+                _evict_caches()
+                with best.timed():
+                    run()
+        return best
 
 
 class _DeviceCopy:
@@ -170,7 +194,10 @@ class _DeviceCopy:
             raise RuntimeError("ggml has no backend to run the reference copy on")
         self.name = self.base.ggml_backend_name(self.backend).decode()
 
-    def time_ms(self, n_bytes: int, repeats: int) -> "_Best":
+    @contextlib.contextmanager
+    def prepared(self, n_bytes: int) -> Iterator[Callable[[], None]]:
+        """One copy of n_bytes in device memory to run again and again (its first run, which
+        loads the kernel, done already)."""
         n = (n_bytes + 1) // 2  # f16 elements
         ctx = self.base.ggml_init(_InitParams(8 * self.base.ggml_tensor_overhead() + self.base.ggml_graph_overhead(),
                                               None, True))
@@ -185,12 +212,13 @@ class _DeviceCopy:
             self.base.ggml_backend_tensor_memset(dst, 0, 0, 2 * n)
             graph = self.base.ggml_new_graph(ctx)
             self.base.ggml_build_forward_expand(graph, self.base.ggml_cpy(ctx, src, dst))
-            best = _Best()
-            for i in range(repeats + 1):
-                with best.timed(skip=i == 0):  # the first run loads the kernel
-                    if self.base.ggml_backend_graph_compute(self.backend, graph) != 0:
-                        raise RuntimeError("ggml_backend_graph_compute failed")
-            return best
+
+            def run() -> None:
+                if self.base.ggml_backend_graph_compute(self.backend, graph) != 0:
+                    raise RuntimeError("ggml_backend_graph_compute failed")
+
+            run()
+            yield run
         finally:
             if buf:
                 self.base.ggml_backend_buffer_free(buf)
@@ -340,15 +368,21 @@ def _measure(args: argparse.Namespace, model_path: Path) -> tuple[list[dict], st
                             sel = _selection(rng, cells, n_keep, c.n_layer, c.n_head_kv)
                         else:
                             sel = _kvcompose_selection(rng, cells, kept, c.n_layer, c.n_head_kv)
-                        best = _Best()
-                        with recorded_move_forms() as forms:
+                        bytes_moved = sum(int(n) * (k + v) for n, (k, v) in zip(sel.counts, ctx.bytes_per_cell_layer))
+                        best, copy = _Best(), _Best()
+                        with recorded_move_forms() as forms, copier.prepared(bytes_moved) as copy_once:
+                            # compaction and copy alternate, so that on a shared machine both
+                            # meet the same moments: the ratio of two minima then compares like
+                            # with like (copies timed apart drifted 1.5x within minutes)
                             for _ in range(args.repeats):
                                 ctx.refill()
                                 _evict_caches()
                                 with best.timed():
                                     result = c.apply(sel)
-                        bytes_moved = sum(int(n) * (k + v) for n, (k, v) in zip(sel.counts, ctx.bytes_per_cell_layer))
-                        copy = copier.time_ms(bytes_moved, 4 * args.repeats)
+                                if not offloaded:
+                                    _evict_caches()
+                                with copy.timed():
+                                    copy_once()
                         runs.append(
                             {
                                 "config": name,
@@ -384,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     ap.add_argument("--selections", nargs="+", default=["random", "kvcompose"], choices=["random", "kvcompose"])
     ap.add_argument("--threads", type=int, default=min(4, os.cpu_count() or 1))
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=10, help="timed runs of each compaction and of its copy")
     ap.add_argument("--model", type=Path, default=None, help="a GGUF file (default: SmolLM2-135M-Instruct Q4_1)")
     ap.add_argument("--n-gpu-layers", type=int, default=0,
                     help="layers (and their KV cache) offloaded to the GPU of a CUDA/Metal build; -1: all")
@@ -404,6 +438,7 @@ def main(argv: list[str] | None = None) -> int:
         "backend": backend,
         "n_gpu_layers": args.n_gpu_layers,
         "threads": args.threads,
+        "repeats": args.repeats,
         "model": Path(model_path).name,
         "target": "compact_ms <= 3 x copy_ms for f16-fa",
         "target_met": bool(target) and all(r["ratio"] <= 3 for r in target),

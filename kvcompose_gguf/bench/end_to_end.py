@@ -459,8 +459,9 @@ def run(model_path, args: argparse.Namespace, s: dict) -> dict[str, Any]:
         print(f"length {row['logical_tokens']}: prefill {row['prefill']['off']['wall_s']:.2f} s wall, "
               f"{row['prefill']['off']['cpu_s']:.2f} s CPU; window-mode compression {overhead['wall']:.1f} % "
               f"of it (wall), {overhead['cpu']:.1f} % (CPU)", file=sys.stderr, flush=True)
-    # The plain copies come last: their cache-evicting scratch buffer (256 MiB) would
-    # otherwise count in the peak resident memory of the lengths measured after them.
+    # The plain copies come last: their cache-evicting scratch buffer (twice the largest CPU
+    # cache, at least 256 MiB) would otherwise count in the peak resident memory of the
+    # lengths measured after them.
     for row in lengths:
         for b in row["budgets"]:
             c = b["compaction"]

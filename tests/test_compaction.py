@@ -740,6 +740,42 @@ def test_direct_gathers_next_to_rows_already_in_place_are_byte_exact(sessions, t
     assert_known_rows_equal(state_blob.parse_seq_state(s.blob()).only_stream(), expected.only_stream(), known)
 
 
+@pytest.mark.parametrize("seed", range(12))
+def test_random_mixes_of_sparse_and_dense_layers_move_byte_exactly(sessions, tiny_model_path, seed):
+    """Random caches (512-2048 cells) and per-layer counts (4-50 % kept), so that direct and
+    staged chunks mix within and across layers; some seeds give head 0 a dense prefix of rows
+    already in place, others give a late slot of head 1 a cell up to 32 cells behind its
+    destination, which an earlier slot of a direct chunk would have overwritten."""
+    rng = np.random.default_rng(1000 + seed)
+    n_cells = int(rng.choice([512, 1024, 2048]))
+    flash_attn, type_k, type_v = [(True, F16, F16), (True, Q4_0, Q8_0)][seed % 2]
+    s = sessions(tiny_model_path, flash_attn=flash_attn, type_k=type_k, type_v=type_v, n_ctx=n_cells, n_ubatch=64)
+    before = _filled_with_noise(s, n_cells, rng)
+    c = Compactor(s.ctx)
+    seq = c.seq_cells(0)
+    counts = rng.integers(max(2, n_cells // 25), n_cells // 2, c.n_layer)
+    sel = random_selection(rng, seq.cells, seq.positions, c.n_layer, c.n_head_kv, counts)
+    for layer, k in enumerate(counts.tolist()):
+        if seed % 3 == 0:
+            prefix = int(rng.integers(1, k))
+            rest = rng.choice(np.arange(prefix, n_cells - 1), k - prefix - 1, replace=False)
+            sel.cells[layer, 0, :k] = np.sort(np.concatenate([np.arange(prefix), rest, [n_cells - 1]]))
+        if seed % 4 == 1:
+            j = int(rng.integers(k // 2, k - 1))
+            free = np.setdiff1d(np.arange(max(0, j - 32), j), sel.cells[layer, 1, :k])
+            sel.cells[layer, 1, j] = rng.choice(free)
+    sel.kept_positions[:] = sel.cells  # cell c holds position c
+    sel.slot_positions = sel.kept_positions.max(axis=(0, 1)).astype(np.int32)
+
+    with recorded_move_forms() as forms:
+        result = c.apply(sel)
+
+    if not kv_in_device_memory():
+        assert forms[-1].direct_chunks > 0
+    expected, known = expected_blob(before, sel, seq.cells, result.slot_cells, c.n_head_kv)
+    assert_known_rows_equal(state_blob.parse_seq_state(s.blob()).only_stream(), expected.only_stream(), known)
+
+
 def test_a_second_compaction_cannot_give_a_layer_rows_it_does_not_own(sessions, tiny_model_path):
     rng = np.random.default_rng(17)
     s = sessions(tiny_model_path)

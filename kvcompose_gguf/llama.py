@@ -633,7 +633,7 @@ class Llama(llama_cpp.Llama):
             if self.context_params.flash_attn_type == llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED:
                 logger.info(
                     "flash attention is off (llama-cpp-python's default): V is stored transposed, which a "
-                    "compaction moves element by element, about 10x slower than with flash_attn=True"
+                    "compaction moves element by element, several times slower than with flash_attn=True"
                 )
             # The logical history may outgrow n_ctx and, when positions can be rebased,
             # the model's training context; completions check prompts against _n_ctx.

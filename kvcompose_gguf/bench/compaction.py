@@ -35,9 +35,9 @@ Before every timed run a buffer of twice the largest CPU cache (at least 256 MiB
 so both start from cold caches.
 
 Compaction and copy runs alternate, as many of each, and the minimum of each is kept, since
-on a shared machine noise only adds time. JSON goes
-to stdout and to results/compaction.json. The target is ratio <= 3 for f16 K/V with flash
-attention on; the other configurations are reported without a target.
+on a shared machine noise only adds time. JSON goes to stdout and to results/compaction.json.
+The target is ratio <= 3 for f16 K/V with flash attention on; the other configurations are
+reported without a target.
 """
 
 from __future__ import annotations
@@ -72,10 +72,10 @@ _SCRATCH: np.ndarray | None = None
 def _largest_cpu_cache() -> int:
     """Bytes of the largest CPU cache Linux reports (0 where it reports none). Server parts
     reach hundreds of MiB of L3: one seen here had 300 MiB."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
     sizes = []
     for path in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
         text = path.read_text().strip()
-        units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
         sizes.append(int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text))
     return max(sizes, default=0)
 

@@ -429,10 +429,11 @@ void plan_span(const compaction_plan & plan, int32_t il, int64_t row_bytes, int6
     }
 
     // direct chunks, last first (a chunk of a few slots is not worth its graph nodes)
+    const cell_span all = span_of(slot_lo, slot_hi, 0, n);
     const int64_t min_direct = 16;
     std::vector<layer_moves::chunk> direct;
     int64_t b = j1;
-    const bool may_direct = consecutive && chunks_max > 1 && span_of(slot_lo, slot_hi, 0, n).sparse(n);
+    const bool may_direct = consecutive && chunks_max > 1 && all.sparse(n);
     while (may_direct && (int64_t) direct.size() + 1 < chunks_max && b > m.j0) {
         // the first slot a with min_from[a - j0] >= dst(b); min_from does not decrease with the slot
         const auto it = std::lower_bound(min_from.begin(), min_from.begin() + (b - m.j0), dst(b));
@@ -463,7 +464,6 @@ void plan_span(const compaction_plan & plan, int32_t il, int64_t row_bytes, int6
         chunks_safe = chunks_safe && (c.direct || c.j_begin == m.j0 || (consecutive && c.lo >= dst(c.j_begin)));
     }
     if (!chunks_safe) {
-        const cell_span all = span_of(slot_lo, slot_hi, 0, n);
         m.chunks = { { m.j0, j1, all.lo, all.hi, 0, 0, false } };
     }
 
